@@ -1,0 +1,188 @@
+"""The --gradinit flags: one dataclass, its defaults and where each default comes from.
+
+Training-wide values that GradInit derives its defaults from (--max-tokens, --lr,
+--optimizer, --save-dir, ...) are read through omegaconf interpolations, the way
+fairseq's own task configs read ``dataset.train_subset``.
+"""
+import ast
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
+
+from .core import ADAM, SGD, GradInitError, GradInitSettings
+
+#: fairseq --optimizer names and the first step they take (paper, section 3).
+TARGET_OF_OPTIMIZER = {
+    "adam": ADAM,
+    "adamw": ADAM,
+    "cpu_adam": ADAM,
+    "fused_adam": ADAM,
+    "sgd": SGD,
+    "nag": SGD,
+}
+
+#: Default gamma for an SGD target: the paper's value for IWSLT'14 with SGD (section 4.2).
+SGD_GAMMA = 1.0
+
+#: Default gamma for an Adam target, per trainable parameter: the l1 norm of the initial
+#: gradient grows with the number of parameters, so an absolute bound that suits one model
+#: size puts every iteration of another into the constraint branch. See README "Defaults".
+ADAM_GAMMA_PER_PARAM = 1e-3  # provisional
+
+
+@dataclass
+class GradInitConfig(FairseqDataclass):
+    gradinit: bool = field(
+        default=False,
+        metadata={"help": "learn the initialization with GradInit before the first update"},
+    )
+    gradinit_iters: int = field(
+        default=780, metadata={"help": "GradInit iterations (paper: 780 for IWSLT'14)"}
+    )
+    gradinit_optimizer: Optional[ChoiceEnum([ADAM, SGD])] = field(
+        default=None,
+        metadata={"help": "optimizer the initialization is tuned for; default: from --optimizer"},
+    )
+    gradinit_eta: Optional[float] = field(
+        default=None,
+        metadata={"help": "learning rate of the virtual first step; default: --lr"},
+    )
+    gradinit_gamma: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "bound on the initial gradient norm (l1 for Adam, l2 for SGD); "
+            "default: 1 for SGD (paper), for Adam see README 'Defaults'"
+        },
+    )
+    gradinit_lr: float = field(
+        default=2.5e-3, metadata={"help": "Adam learning rate of the scales (tau)"}
+    )
+    gradinit_betas: str = field(
+        default="(0.9, 0.98)", metadata={"help": "Adam betas of the scales"}
+    )
+    gradinit_grad_clip: float = field(
+        default=1.0, metadata={"help": "clamp each scale's gradient to this (paper: 1)"}
+    )
+    gradinit_min_scale: float = field(
+        default=0.01, metadata={"help": "lower bound of weight scales (paper: 0.01)"}
+    )
+    gradinit_max_scale: Optional[float] = field(
+        default=None, metadata={"help": "upper bound of weight scales; default: none"}
+    )
+    gradinit_overlap: float = field(
+        default=0.5,
+        metadata={"help": "share of S's samples that S~ re-uses, in [0, 1) (paper: 0.5)"},
+    )
+    gradinit_max_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "tokens per GradInit batch, split into S and S~; "
+            "default: 1.5 x --max-tokens, so S is about one training batch"
+        },
+    )
+    gradinit_only: bool = field(
+        default=False,
+        metadata={"help": "stop after GradInit and write <save-dir>/checkpoint_gradinit.pt"},
+    )
+    # Training-wide settings GradInit derives its defaults from (no flags of their own).
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    batch_size: Optional[int] = II("dataset.batch_size")
+    lr: Any = II("optimization.lr")
+    optimizer: Any = II("optimizer")
+    lr_scheduler: Any = II("lr_scheduler")
+    save_dir: str = II("checkpoint.save_dir")
+    seed: int = II("common.seed")
+    log_format: Optional[str] = II("common.log_format")
+    no_progress_bar: bool = II("common.no_progress_bar")
+
+
+def flag(setting: str) -> str:
+    """The command-line flag of a GradInit setting, for error messages."""
+    return "--gradinit-" + setting.replace("_", "-")
+
+
+def target_optimizer(cfg) -> str:
+    if cfg.gradinit_optimizer is not None:
+        return str(cfg.gradinit_optimizer)
+    name = _name(cfg.optimizer)
+    if name not in TARGET_OF_OPTIMIZER:
+        raise GradInitError(
+            f"cannot tell which first step --optimizer {name} takes; "
+            f"say --gradinit-optimizer adam or --gradinit-optimizer sgd",
+            "optimizer",
+        )
+    return TARGET_OF_OPTIMIZER[name]
+
+
+def settings_from_config(cfg, num_params: Optional[int] = None) -> GradInitSettings:
+    """GradInitSettings for a run; ``num_params`` sizes the default Adam gamma."""
+    target = target_optimizer(cfg)
+    gamma = cfg.gradinit_gamma
+    if gamma is None:
+        gamma = default_gamma(target, num_params)
+    return GradInitSettings(
+        iters=cfg.gradinit_iters,
+        eta=float(cfg.gradinit_eta if cfg.gradinit_eta is not None else _first(cfg.lr)),
+        target=target,
+        gamma=float(gamma),
+        lr=cfg.gradinit_lr,
+        betas=parse_betas(cfg.gradinit_betas),
+        grad_clip=cfg.gradinit_grad_clip,
+        min_scale=cfg.gradinit_min_scale,
+        max_scale=math.inf if cfg.gradinit_max_scale is None else cfg.gradinit_max_scale,
+    ).validate()
+
+
+def default_gamma(target: str, num_params: Optional[int]) -> float:
+    if target == SGD:
+        return SGD_GAMMA
+    if num_params is None:
+        return math.inf
+    return ADAM_GAMMA_PER_PARAM * num_params
+
+
+def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
+    """(max tokens, max sentences) of one GradInit batch, before its split into S and S~."""
+    if cfg.gradinit_max_tokens is not None:
+        if cfg.gradinit_max_tokens < 2:
+            raise GradInitError("must be >= 2", "max_tokens")
+        return cfg.gradinit_max_tokens, None
+    if cfg.max_tokens is not None:
+        return int(1.5 * cfg.max_tokens), None
+    if cfg.batch_size is not None:
+        return None, int(math.ceil(1.5 * cfg.batch_size))
+    raise GradInitError("neither --max-tokens nor --batch-size is set", "max_tokens")
+
+
+def validate(cfg) -> None:
+    """Check every flag that can be checked before the model exists."""
+    if not 0 <= cfg.gradinit_overlap < 1:
+        raise GradInitError(f"must be in [0, 1) (got {cfg.gradinit_overlap})", "overlap")
+    if cfg.gradinit_eta is not None and not cfg.gradinit_eta > 0:
+        raise GradInitError(f"must be > 0 (got {cfg.gradinit_eta})", "eta")
+    if cfg.gradinit_gamma is not None and not cfg.gradinit_gamma > 0:
+        raise GradInitError(f"must be > 0 (got {cfg.gradinit_gamma})", "gamma")
+    gradinit_max_tokens(cfg)
+    settings_from_config(cfg, num_params=1)
+
+
+def parse_betas(text) -> Tuple[float, float]:
+    try:
+        betas = ast.literal_eval(text) if isinstance(text, str) else tuple(text)
+        betas = tuple(float(b) for b in betas)
+        if len(betas) == 2:
+            return betas
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    raise GradInitError(f"must look like '(0.9, 0.98)' (got {text!r})", "betas")
+
+
+def _name(group) -> str:
+    return str(group.get("_name") if hasattr(group, "get") else getattr(group, "_name", group))
+
+
+def _first(lr) -> float:
+    return float(lr[0]) if isinstance(lr, (list, tuple)) or hasattr(lr, "__getitem__") else float(lr)

@@ -1,0 +1,369 @@
+"""GradInit, Algorithm 1 of Zhu et al. (NeurIPS 2021), for any ``torch.nn.Module``.
+
+Imports torch only. The model is never modified while GradInit runs: every evaluation
+substitutes scaled tensors with ``torch.func.functional_call``, so an error at any
+iteration leaves the model at its original initialization. ``apply_scales`` writes the
+result at the end.
+
+Example (a plain PyTorch model)::
+
+    net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 3))
+    data = [(torch.randn(48, 10), torch.randint(0, 3, (48,))) for _ in range(100)]
+    loss_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
+    pairs = ((split_batch(b, overlap=0.5)) for b in data)  # (S, S~) pairs
+    result = gradinit(net, loss_fn, pairs, GradInitSettings(iters=100, eta=1e-3))
+    apply_scales(net, result.scales)
+"""
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .selection import BIAS, select_tensors
+
+ADAM, SGD = "adam", "sgd"
+OBJECTIVE, CONSTRAINT = "objective", "constraint"
+
+
+class GradInitError(ValueError):
+    """Bad settings or a failed run. ``setting`` names the offending setting, if any."""
+
+    def __init__(self, message: str, setting: Optional[str] = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class GradInitSettings:
+    """Hyper-parameters of Algorithm 1 (names as in the paper in brackets).
+
+    iters: number of GradInit iterations (T).
+    eta: learning rate of the target optimizer's first step (eta).
+    target: the optimizer the initialization is tuned for, "adam" or "sgd" (A). It picks
+        the gradient norm (l1 for Adam, l2 for SGD) and the virtual step
+        (sign(g) for Adam, g/||g||_2 for SGD).
+    gamma: bound on the gradient norm (gamma); above it a step lowers the norm.
+    lr: Adam learning rate of the scales (tau).
+    betas: Adam betas of the scales.
+    grad_clip: each scale's gradient is clamped to [-grad_clip, grad_clip].
+    min_scale, max_scale: bounds of weight scales (alpha lower bound 0.01 in the paper).
+    min_bias_scale: lower bound of bias scales (beta lower bound, 0 in the paper).
+    """
+
+    iters: int = 780
+    eta: float = 5e-4
+    target: str = ADAM
+    gamma: float = math.inf
+    lr: float = 2.5e-3
+    betas: Tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    min_scale: float = 0.01
+    max_scale: float = math.inf
+    min_bias_scale: float = 0.0
+
+    def validate(self) -> "GradInitSettings":
+        """Raise ``GradInitError`` naming the first setting that is out of range."""
+        checks = [
+            ("iters", isinstance(self.iters, int) and self.iters >= 1, "an integer >= 1"),
+            ("eta", _finite_positive(self.eta), "a finite number > 0"),
+            ("target", self.target in (ADAM, SGD), f"'{ADAM}' or '{SGD}'"),
+            ("gamma", self.gamma > 0 and not math.isnan(self.gamma), "> 0 (inf disables the bound)"),
+            ("lr", _finite_positive(self.lr), "a finite number > 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("grad_clip", self.grad_clip > 0, "> 0"),
+            ("min_scale", _finite_positive(self.min_scale), "a finite number > 0"),
+            ("max_scale", self.max_scale >= self.min_scale, f">= the min scale ({self.min_scale})"),
+            ("min_bias_scale", 0 <= self.min_bias_scale <= self.max_scale, "in [0, max scale]"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                raise GradInitError(f"{name} must be {need} (got {getattr(self, name)!r})", name)
+        return self
+
+    @property
+    def norm_order(self) -> int:
+        return 1 if self.target == ADAM else 2
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class IterationRecord:
+    """What one GradInit iteration did. ``loss_s_tilde`` is None in the constraint branch."""
+
+    iteration: int
+    branch: str
+    loss_s: float
+    loss_s_tilde: Optional[float]
+    grad_norm: float
+    scale_min: float
+    scale_mean: float
+    scale_max: float
+
+
+@dataclass
+class GradInitResult:
+    scales: Dict[str, float]
+    settings: GradInitSettings
+    history: List[IterationRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_batch(batch: Any, overlap: float = 0.5) -> Tuple[Any, Any]:
+    """Split a batch into (S, S~) that share ``overlap`` of their samples.
+
+    S is the first k samples and S~ the last k, with k = n / (2 - overlap): for the
+    paper's overlap 0.5, S is the first 2/3 and S~ the last 2/3. Works on a tensor, or
+    a (nested) tuple/list/dict of tensors whose first dimension is the batch.
+    """
+    n = _batch_size(batch)
+    s, s_tilde = overlap_slices(n, overlap)
+    return _index(batch, s, n), _index(batch, s_tilde, n)
+
+
+def overlap_slices(n: int, overlap: float = 0.5) -> Tuple[slice, slice]:
+    """Index ranges of S and S~ in a batch of ``n`` samples (see ``split_batch``)."""
+    if not 0 <= overlap < 1:
+        raise GradInitError(f"overlap must be in [0, 1) (got {overlap!r})", "overlap")
+    k = int(round(n / (2 - overlap)))
+    shared = 2 * k - n
+    if k < 1 or k >= n or (overlap > 0 and shared < 1):
+        raise GradInitError(
+            f"a batch of {n} samples is too small to split into S and S~ sharing "
+            f"{overlap:.0%} of their samples; use a larger GradInit batch",
+            "max_tokens",
+        )
+    return slice(0, k), slice(n - k, n)
+
+
+def gradinit(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Iterable[Tuple[Any, Any]],
+    settings: GradInitSettings = GradInitSettings(),
+    scaled: Optional[Dict[str, str]] = None,
+    on_iteration: Optional[Callable[[IterationRecord], None]] = None,
+    all_reduce_mean: Optional[Callable[[Sequence[torch.Tensor]], None]] = None,
+) -> GradInitResult:
+    """Learn one scale per selected tensor of ``model`` (Algorithm 1); the model is not changed.
+
+    Args:
+        model: any module. It is put in eval mode (no dropout) while GradInit runs and
+            its train/eval mode is restored afterwards.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch's samples.
+            It is called with the model evaluated at substituted (scaled) tensors.
+        batches: yields ``(S, S_tilde)`` pairs, one per iteration (see ``split_batch``).
+        settings: hyper-parameters, see ``GradInitSettings``.
+        scaled: ``{name: "weight" | "bias"}``, the tensors to scale; default
+            ``select_tensors(model)``. Every trainable tensor takes part in the gradient
+            norm and the virtual step; only these get a scale.
+        on_iteration: called with an ``IterationRecord`` after every iteration.
+        all_reduce_mean: for data-parallel workers: averages a list of tensors in place
+            across workers. Used on the first-order gradient (so every worker takes the
+            same branch and the same virtual step) and on the scales' gradient (so
+            every worker ends with the same scales).
+
+    Returns:
+        ``GradInitResult`` with ``scales`` (name -> float, in model order) and a
+        per-iteration ``history``.
+
+    Raises:
+        GradInitError: on bad settings, too few batches, or a non-finite loss or
+            gradient norm (the message names the iteration).
+    """
+    settings.validate()
+    scaled = select_tensors(model) if scaled is None else dict(scaled)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = [n for n in scaled if n not in params]
+    if unknown:
+        raise GradInitError(f"not trainable parameters of the model: {unknown}", "scaled")
+    if not scaled:
+        raise GradInitError("no tensor selected for scaling", "scaled")
+
+    names = list(scaled)
+    # Unscaled trainable tensors still take part in the gradient norm and the virtual
+    # step, so they enter the graph as leaves of their own (sharing the model's storage).
+    base = {n: p.detach() if n in scaled else p.detach().requires_grad_() for n, p in params.items()}
+    device = next(iter(base.values())).device
+    scales = torch.ones(len(names), device=device, requires_grad=True)
+    is_bias = torch.tensor([scaled[n] == BIAS for n in names], device=device)
+    lower = torch.where(
+        is_bias,
+        torch.tensor(float(settings.min_bias_scale), device=device),
+        torch.tensor(float(settings.min_scale), device=device),
+    )
+    upper = torch.full_like(lower, float(settings.max_scale))
+    optimizer = torch.optim.Adam([scales], lr=settings.lr, betas=settings.betas)
+    objective = _Objective(model, loss_fn)
+    reduce = all_reduce_mean or (lambda tensors: None)
+
+    result = GradInitResult(scales={}, settings=settings)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        pairs = iter(batches)
+        for t in range(1, settings.iters + 1):
+            try:
+                s, s_tilde = next(pairs)
+            except StopIteration:
+                raise GradInitError(
+                    f"ran out of batches after {t - 1} of {settings.iters} iterations", "iters"
+                ) from None
+            record = _iteration(
+                t, objective, base, names, scales, s, s_tilde, settings, reduce
+            )
+            scales.grad.clamp_(-settings.grad_clip, settings.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                scales.copy_(torch.maximum(torch.minimum(scales, upper), lower))
+                record.scale_min = scales.min().item()
+                record.scale_mean = scales.mean().item()
+                record.scale_max = scales.max().item()
+            result.history.append(record)
+            if on_iteration is not None:
+                on_iteration(record)
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    result.scales = {n: float(v) for n, v in zip(names, scales.detach().cpu().tolist())}
+    return result
+
+
+def apply_scales(model: nn.Module, scales: Dict[str, float]) -> None:
+    """Multiply each named tensor of ``model`` by its scale, in place.
+
+    The result is exactly what GradInit evaluated: ``scale * initial tensor`` with the
+    scale rounded to the tensor's dtype once.
+    """
+    params = dict(model.named_parameters())
+    missing = [n for n in scales if n not in params]
+    if missing:
+        raise GradInitError(f"the model has no tensors named {missing}", "scales")
+    with torch.no_grad():
+        for name, value in scales.items():
+            p = params[name]
+            p.mul_(torch.tensor(value, dtype=torch.float32).to(p.dtype))
+
+
+class _Objective(nn.Module):
+    """Lets ``functional_call`` substitute the model's tensors inside any loss function."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+    def loss(self, tensors: Dict[str, torch.Tensor], batch) -> torch.Tensor:
+        prefixed = {"model." + n: v for n, v in tensors.items()}
+        return functional_call(self, prefixed, (batch,), strict=False)
+
+
+def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce):
+    theta = dict(base)
+    for i, n in enumerate(names):
+        theta[n] = scales[i] * base[n]
+    flat = list(theta.values())
+
+    # Fused attention kernels have no double backward and the kernel is chosen at
+    # forward time: use the math kernel whenever the constraint branch may follow.
+    with _math_attention() if math.isfinite(settings.gamma) else contextlib.nullcontext():
+        loss_s = objective.loss(theta, s)
+    loss_s_value = _check_finite(loss_s, "loss on S", t)
+    # First order only: the double-backward graph is built in the constraint branch alone.
+    grads = torch.autograd.grad(loss_s, flat, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+    reduce(grads)
+    grad_norm = _check_finite(_norm(grads, settings.norm_order), "gradient norm", t)
+
+    if grad_norm > settings.gamma:
+        # Constraint branch: a step on the scales that lowers ||g(S; theta_m)||_p.
+        grads = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
+        norm = _norm([g for g in grads if g is not None], settings.norm_order)
+        (scales.grad,) = torch.autograd.grad(norm, scales)
+        branch, loss_tilde_value = CONSTRAINT, None
+    else:
+        # Objective branch: the loss on S~ after one virtual step of the target
+        # optimizer, the step direction A[g] held constant (paper, section 3.4).
+        del loss_s  # frees the graph of S before the second forward
+        direction = _step_direction(grads, settings.target)
+        stepped = {n: p - settings.eta * d for (n, p), d in zip(theta.items(), direction)}
+        loss_tilde = objective.loss(stepped, s_tilde)
+        loss_tilde_value = _check_finite(loss_tilde, "loss on S~ after the virtual step", t)
+        (scales.grad,) = torch.autograd.grad(loss_tilde, scales)
+        branch = OBJECTIVE
+    reduce([scales.grad])
+    nan = math.nan
+    return IterationRecord(t, branch, loss_s_value, loss_tilde_value, grad_norm, nan, nan, nan)
+
+
+def _norm(tensors: Sequence[torch.Tensor], order: int) -> torch.Tensor:
+    if order == 1:
+        return torch.stack([g.abs().sum() for g in tensors]).sum()
+    return torch.stack([g.pow(2).sum() for g in tensors]).sum().sqrt()
+
+
+def _step_direction(grads: Sequence[torch.Tensor], target: str) -> List[torch.Tensor]:
+    """A[g] of the target optimizer's first step, as a constant (no graph)."""
+    if target == ADAM:
+        # Adam's first update is g / (|g| + eps), i.e. sign(g) (Balles & Hennig, 2018).
+        return [g.detach().sign() for g in grads]
+    l2 = _norm(grads, 2).detach()
+    return [g.detach() / l2 for g in grads]
+
+
+def _check_finite(value: torch.Tensor, what: str, t: int) -> float:
+    number = value.item()
+    if not math.isfinite(number):
+        raise GradInitError(
+            f"GradInit iteration {t}: the {what} is {number}; the model is left at its "
+            "original initialization (try a smaller GradInit lr or eta)"
+        )
+    return number
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, (str, bytes)):
+        raise TypeError("not a batch")
+    if torch.is_tensor(batch):
+        return batch.size(0)
+    values = batch.values() if isinstance(batch, dict) else batch
+    for v in values:
+        try:
+            return _batch_size(v)
+        except TypeError:
+            continue
+    raise TypeError("found no tensor in the batch to read its size from")
+
+
+def _index(batch, rows: slice, n: int):
+    if torch.is_tensor(batch):
+        return batch[rows] if batch.dim() > 0 and batch.size(0) == n else batch
+    if isinstance(batch, dict):
+        return {k: _index(v, rows, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_index(v, rows, n) for v in batch)
+    return batch

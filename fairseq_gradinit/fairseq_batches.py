@@ -1,0 +1,62 @@
+"""GradInit batches from a fairseq task: draw them, split each into S and S~."""
+import itertools
+from typing import Iterator, Optional, Tuple
+
+from fairseq import utils
+
+from .core import split_batch
+
+
+def split_sample(sample: dict, overlap: float, pad: int) -> Tuple[dict, dict]:
+    """Split a collated fairseq sample into (S, S~) sharing ``overlap`` of their sentences.
+
+    ``ntokens`` and ``nsentences`` are recounted so that criteria normalise each part by
+    its own size.
+    """
+    parts = split_batch(sample, overlap)
+    for part in parts:
+        part["nsentences"] = part["target"].size(0)
+        part["ntokens"] = int(part["target"].ne(pad).sum())
+    return parts
+
+
+def sample_pairs(
+    task,
+    model,
+    max_tokens: Optional[int],
+    max_sentences: Optional[int],
+    overlap: float,
+    seed: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> Iterator[Tuple[dict, dict]]:
+    """Endless (S, S~) pairs from the task's training set, in the task's own batching.
+
+    Each worker of a data-parallel run reads its own shard, as in training.
+    """
+    dataset = task.dataset(task.cfg.train_subset)
+    pad = task.target_dictionary.pad()
+    device = next(model.parameters()).device
+    for epoch in itertools.count(1):
+        epoch_itr = task.get_batch_iterator(
+            dataset=dataset,
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+            ignore_invalid_inputs=True,
+            seed=seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            epoch=epoch,
+            disable_iterator_cache=True,
+        )
+        batches = 0
+        for sample in epoch_itr.next_epoch_itr(shuffle=True):
+            if not sample:  # fairseq yields {} for a shard left without data
+                continue
+            batches += 1
+            if device.type == "cuda":
+                sample = utils.move_to_cuda(sample, device=device)
+            yield split_sample(sample, overlap, pad)
+        if batches == 0:
+            raise ValueError(f"the training set '{task.cfg.train_subset}' gives no batches")

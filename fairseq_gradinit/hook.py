@@ -1,0 +1,318 @@
+"""Runs GradInit once, before the first update of a fresh fairseq run.
+
+``GradInitTaskMixin`` goes in front of any fairseq task class (see task.py). It
+checks the flags when the task is set up, notices when the model's weights come from
+a checkpoint (resume, --restore-file, --finetune-from-model: GradInit must not run on
+those), and at the first ``train_step`` of a fresh run hands the model, criterion and
+training batches to ``core.gradinit``, then writes the scales into the weights (and
+into the fp16 optimizer's fp32 master copy), the task state (so every checkpoint
+carries them) and ``<save-dir>/gradinit_scales.json``.
+"""
+import copy
+import json
+import logging
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from fairseq import checkpoint_utils
+from fairseq.logging import progress_bar
+from omegaconf import OmegaConf
+
+from . import config as gc
+from .core import GradInitError, GradInitResult, apply_scales, gradinit
+from .fairseq_batches import sample_pairs
+from .selection import select_tensors
+
+logger = logging.getLogger("fairseq_gradinit")
+
+STATE_KEY = "gradinit"
+SCALES_JSON = "gradinit_scales.json"
+GRADINIT_CHECKPOINT = "checkpoint_gradinit.pt"
+LOG_INTERVAL = 10
+
+
+class GradInitTaskMixin:
+    """Adds GradInit to a fairseq task whose config includes ``config.GradInitConfig``."""
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        check_lr_scheduler(cfg.lr_scheduler)
+        if cfg.gradinit:
+            try:
+                gc.validate(cfg)
+            except GradInitError as e:
+                fail(e)
+        return super().setup_task(cfg, **kwargs)
+
+    def build_model(self, cfg, *args, **kwargs):
+        model = super().build_model(cfg, *args, **kwargs)
+        self._weights_from_checkpoint = False
+
+        def loaded(module, incompatible_keys):
+            self._weights_from_checkpoint = True
+
+        model.register_load_state_dict_post_hook(loaded)
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if self.cfg.gradinit and not getattr(self, "_gradinit_checked", False):
+            # Flag first: with --update-freq N this method runs N times per update.
+            self._gradinit_checked = True
+            if update_num > 0 or getattr(self, "_weights_from_checkpoint", False):
+                self._keep_scales_of_checkpoint(update_num)
+            else:
+                self._run_gradinit(model, criterion, optimizer)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _run_gradinit(self, model, criterion, optimizer):
+        try:
+            result = run_gradinit(self, unwrap(model), criterion, optimizer)
+        except GradInitError as e:
+            fail(e)
+        payload = scales_payload(result, self.cfg)
+        self.state.merge_state_dict({STATE_KEY: payload})
+        if is_master():
+            _write_json(os.path.join(self.cfg.save_dir, SCALES_JSON), payload)
+        if self.cfg.gradinit_only:
+            path = os.path.join(self.cfg.save_dir, GRADINIT_CHECKPOINT)
+            if is_master():
+                save_gradinit_checkpoint(path, self, unwrap(model), criterion, optimizer)
+            logger.info(f"--gradinit-only: wrote {path}; stopping before the first update")
+            raise SystemExit(0)
+
+    def _keep_scales_of_checkpoint(self, update_num):
+        payload = _read_scales_json(self.cfg.save_dir)
+        if payload is not None:
+            self.state.merge_state_dict({STATE_KEY: payload})
+        logger.info(
+            "GradInit not run: the weights come from a checkpoint "
+            f"(update {update_num}); {'kept' if payload else 'no'} scales from {SCALES_JSON}"
+        )
+
+
+def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
+    """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
+    cfg = task.cfg
+    scaled = select_tensors(model)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    settings = gc.settings_from_config(cfg, num_params=num_params)
+    max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
+    rank, world = _data_parallel()
+    logger.info(
+        f"GradInit: {len(scaled)} tensors scaled, {settings.iters} iterations, "
+        f"target {settings.target} (eta {settings.eta:g}, l{settings.norm_order} gamma "
+        f"{settings.gamma:g}), batch of {max_tokens or max_sentences} "
+        f"{'tokens' if max_tokens else 'sentences'} split with overlap {cfg.gradinit_overlap}"
+    )
+
+    # GradInit computes in fp32 whatever precision training uses.
+    work = model if _is_fp32(model) else copy.deepcopy(model).float()
+    pairs = sample_pairs(
+        task, work, max_tokens, max_sentences, cfg.gradinit_overlap, cfg.seed, world, rank
+    )
+    progress = progress_bar.progress_bar(
+        _Sized(pairs, settings.iters),
+        log_format=cfg.log_format,
+        log_interval=LOG_INTERVAL,
+        prefix="gradinit",
+        default_log_format="simple" if cfg.no_progress_bar else "tqdm",
+    )
+
+    def log(record):
+        progress.log(_stats(record), tag="gradinit", step=record.iteration)
+
+    def loss_fn(m, sample):
+        loss, sample_size, _ = criterion(m, sample)
+        return loss / sample_size
+
+    try:
+        result = gradinit(
+            work, loss_fn, progress, settings, scaled, log,
+            all_reduce_mean=_all_reduce_mean if world > 1 else None,
+        )
+    except ValueError as e:  # an empty training set, from sample_pairs
+        raise e if isinstance(e, GradInitError) else GradInitError(str(e))
+
+    _apply(model, optimizer, result.scales)
+    last = result.history[-1]
+    branches = sum(r.branch == "constraint" for r in result.history)
+    progress.print(_stats(last), tag="gradinit", step=settings.iters)
+    logger.info(
+        f"GradInit done in {result.seconds:.1f}s: {branches}/{settings.iters} iterations "
+        f"in the constraint branch; scales min {last.scale_min:.3f} mean "
+        f"{last.scale_mean:.3f} max {last.scale_max:.3f}"
+    )
+    return result
+
+
+def check_lr_scheduler(lr_scheduler) -> None:
+    """fairseq's inverse_sqrt divides by --warmup-updates; say so before it crashes."""
+    name = lr_scheduler.get("_name") if hasattr(lr_scheduler, "get") else None
+    if name == "inverse_sqrt" and lr_scheduler.get("warmup_updates", 1) == 0:
+        fail(
+            "--lr-scheduler inverse_sqrt cannot run with --warmup-updates 0 (fairseq "
+            "divides by it); for training without warmup use --lr-scheduler "
+            "polynomial_decay --power 1 --total-num-update N (linear decay, the paper's "
+            "schedule) or --lr-scheduler fixed"
+        )
+
+
+def fail(error) -> None:
+    """End the run with a one-line message naming the flag, not a traceback."""
+    setting = getattr(error, "setting", None)
+    where = f"{gc.flag(setting)}: " if setting and setting not in ("scaled",) else ""
+    raise SystemExit(f"fairseq-gradinit: error: {where}{error}")
+
+
+def unwrap(model):
+    """The model inside data-parallel wrappers (fairseq's and torch's)."""
+    while isinstance(model, torch.nn.Module) and not hasattr(model, "max_positions") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def scales_payload(result: GradInitResult, cfg) -> Dict:
+    settings = {k: _json_number(v) for k, v in result.settings.as_dict().items()}
+    max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
+    settings.update(overlap=cfg.gradinit_overlap, max_tokens=max_tokens, max_sentences=max_sentences)
+    return {
+        "scales": result.scales,
+        "settings": settings,
+        "iterations": len(result.history),
+        "constraint_iterations": sum(r.branch == "constraint" for r in result.history),
+        "seconds": round(result.seconds, 3),
+        "last_iteration": _stats(result.history[-1]),
+    }
+
+
+def save_gradinit_checkpoint(path, task, model, criterion, optimizer) -> None:
+    """A normal fairseq checkpoint at update 0 that stock fairseq can start from."""
+    root = task.cfg._get_root()  # the full training config the task config belongs to
+    state = {
+        "args": None,
+        "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),
+        "model": model.state_dict(),
+        "criterion": criterion.state_dict() if any(True for _ in criterion.parameters()) else None,
+        "optimizer_history": [
+            {
+                "criterion_name": criterion.__class__.__name__,
+                "optimizer_name": optimizer.__class__.__name__,
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 0,
+            }
+        ],
+        "task_state": task.state_dict(),
+        "extra_state": {
+            "train_iterator": {"epoch": 1, "iterations_in_epoch": 0, "shuffle": True, "version": 2},
+            "metrics": {},
+            "previous_training_time": 0,
+        },
+    }
+    tmp = path + ".tmp"  # an interrupted write never looks like a finished checkpoint
+    checkpoint_utils.torch_persistent_save(state, tmp)
+    os.replace(tmp, path)
+
+
+def is_master() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class _Sized:
+    """An iterator with a length, so the progress bar can show i/N."""
+
+    def __init__(self, iterator, length):
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return iter(self.iterator)
+
+    def __len__(self):
+        return self.length
+
+
+def _stats(record) -> Dict:
+    stats = {
+        "branch": record.branch,
+        "loss_S": round(record.loss_s, 4),
+        "loss_S~": None if record.loss_s_tilde is None else round(record.loss_s_tilde, 4),
+        "gnorm": round(record.grad_norm, 4),
+        "scale_min": round(record.scale_min, 4),
+        "scale_mean": round(record.scale_mean, 4),
+        "scale_max": round(record.scale_max, 4),
+    }
+    return {k: v for k, v in stats.items() if v is not None}
+
+
+def _apply(model, optimizer, scales: Dict[str, float]) -> None:
+    """Scale the model, and the fp32 master copy that fp16 optimizers step from."""
+    params = dict(model.named_parameters())
+    fp16_params = getattr(optimizer, "fp16_params", None)
+    master = getattr(optimizer, "fp32_params", None)
+    if fp16_params is None or master is None:
+        apply_scales(model, scales)
+        return
+    scale_of = {id(params[n]): s for n, s in scales.items()}
+    with torch.no_grad():
+        for p, p32 in zip(fp16_params, _master_views(fp16_params, master)):
+            if id(p) in scale_of:
+                p32.mul_(torch.tensor(scale_of[id(p)], dtype=torch.float32))
+                p.copy_(p32.view_as(p))
+
+
+def _master_views(fp16_params, master):
+    """The fp32 master tensor of each fp16 parameter, flat or not."""
+    if isinstance(master, (list, tuple)):
+        return [p32.data for p32 in master]
+    flat = master if isinstance(master, dict) else {fp16_params[0].device: master}
+    offsets = {device: 0 for device in flat}
+    views = []
+    for p in fp16_params:
+        offset = offsets[p.device]
+        views.append(flat[p.device].data[offset : offset + p.numel()])
+        offsets[p.device] = offset + p.numel()
+    return views
+
+
+def _is_fp32(model) -> bool:
+    return all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _data_parallel():
+    if dist.is_available() and dist.is_initialized():
+        from fairseq.distributed import utils as dist_utils
+
+        return dist_utils.get_data_parallel_rank(), dist_utils.get_data_parallel_world_size()
+    return 0, 1
+
+
+def _all_reduce_mean(tensors) -> None:
+    from fairseq.distributed import utils as dist_utils
+
+    group = dist_utils.get_data_parallel_group()
+    world = dist_utils.get_data_parallel_world_size()
+    for t in tensors:
+        dist_utils.all_reduce(t, group)
+        t.div_(world)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def _write_json(path: str, payload: Dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_scales_json(save_dir: str) -> Optional[Dict]:
+    path = os.path.join(save_dir, SCALES_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -48,6 +48,8 @@ class GradInitSettings:
         the gradient norm (l1 for Adam, l2 for SGD) and the virtual step
         (sign(g) for Adam, g/||g||_2 for SGD).
     gamma: bound on the gradient norm (gamma); above it a step lowers the norm.
+    gamma_factor: if set, gamma is this multiple of the gradient norm at the first
+        iteration instead (a bound that scales with the model; ``gamma`` is ignored).
     lr: Adam learning rate of the scales (tau).
     betas: Adam betas of the scales.
     grad_clip: each scale's gradient is clamped to [-grad_clip, grad_clip].
@@ -59,6 +61,7 @@ class GradInitSettings:
     eta: float = 5e-4
     target: str = ADAM
     gamma: float = math.inf
+    gamma_factor: Optional[float] = None
     lr: float = 2.5e-3
     betas: Tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
@@ -73,6 +76,7 @@ class GradInitSettings:
             ("eta", _finite_positive(self.eta), "a finite number > 0"),
             ("target", self.target in (ADAM, SGD), f"'{ADAM}' or '{SGD}'"),
             ("gamma", self.gamma > 0 and not math.isnan(self.gamma), "> 0 (inf disables the bound)"),
+            ("gamma_factor", self.gamma_factor is None or _finite_positive(self.gamma_factor), "a finite number > 0"),
             ("lr", _finite_positive(self.lr), "a finite number > 0"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("grad_clip", self.grad_clip > 0, "> 0"),
@@ -102,6 +106,7 @@ class IterationRecord:
     loss_s: float
     loss_s_tilde: Optional[float]
     grad_norm: float
+    gamma: float
     scale_min: float
     scale_mean: float
     scale_max: float
@@ -204,6 +209,7 @@ def gradinit(
     reduce = all_reduce_mean or (lambda tensors: None)
 
     result = GradInitResult(scales={}, settings=settings)
+    history = result.history
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -217,7 +223,9 @@ def gradinit(
                     f"ran out of batches after {t - 1} of {settings.iters} iterations", "iters"
                 ) from None
             record = _iteration(
-                t, objective, base, names, scales, s, s_tilde, settings, reduce
+                t, objective, base, names, scales, s, s_tilde, settings, reduce,
+                gamma=history[-1].gamma if history else settings.gamma,
+                gamma_factor=None if history else settings.gamma_factor,
             )
             scales.grad.clamp_(-settings.grad_clip, settings.grad_clip)
             optimizer.step()
@@ -269,7 +277,7 @@ class _Objective(nn.Module):
         return functional_call(self, prefixed, (batch,), strict=False)
 
 
-def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce):
+def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, gamma, gamma_factor=None):
     theta = dict(base)
     for i, n in enumerate(names):
         theta[n] = scales[i] * base[n]
@@ -277,7 +285,7 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce):
 
     # Fused attention kernels have no double backward and the kernel is chosen at
     # forward time: use the math kernel whenever the constraint branch may follow.
-    with _math_attention() if math.isfinite(settings.gamma) else contextlib.nullcontext():
+    with _math_attention() if math.isfinite(gamma) else contextlib.nullcontext():
         loss_s = objective.loss(theta, s)
     loss_s_value = _check_finite(loss_s, "loss on S", t)
     # First order only: the double-backward graph is built in the constraint branch alone.
@@ -286,7 +294,9 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce):
     reduce(grads)
     grad_norm = _check_finite(_norm(grads, settings.norm_order), "gradient norm", t)
 
-    if grad_norm > settings.gamma:
+    if gamma_factor is not None:  # first iteration: the bound is set by this norm
+        gamma = gamma_factor * grad_norm
+    if grad_norm > gamma:
         # Constraint branch: a step on the scales that lowers ||g(S; theta_m)||_p.
         grads = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
         norm = _norm([g for g in grads if g is not None], settings.norm_order)
@@ -304,7 +314,7 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce):
         branch = OBJECTIVE
     reduce([scales.grad])
     nan = math.nan
-    return IterationRecord(t, branch, loss_s_value, loss_tilde_value, grad_norm, nan, nan, nan)
+    return IterationRecord(t, branch, loss_s_value, loss_tilde_value, grad_norm, gamma, nan, nan, nan)
 
 
 def _norm(tensors: Sequence[torch.Tensor], order: int) -> torch.Tensor:

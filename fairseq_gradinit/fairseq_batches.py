@@ -4,7 +4,7 @@ from typing import Iterator, Optional, Tuple
 
 from fairseq import utils
 
-from .core import split_batch
+from .core import GradInitError, split_batch
 
 
 def split_sample(sample: dict, overlap: float, pad: int) -> Tuple[dict, dict]:
@@ -38,20 +38,23 @@ def sample_pairs(
     pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
     for epoch in itertools.count(1):
-        epoch_itr = task.get_batch_iterator(
-            dataset=dataset,
-            max_tokens=max_tokens,
-            max_sentences=max_sentences,
-            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-            ignore_invalid_inputs=True,
-            seed=seed,
-            num_shards=num_shards,
-            shard_id=shard_id,
-            epoch=epoch,
-            disable_iterator_cache=True,
-        )
+        try:
+            itr = task.get_batch_iterator(
+                dataset=dataset,
+                max_tokens=max_tokens,
+                max_sentences=max_sentences,
+                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+                ignore_invalid_inputs=True,
+                seed=seed,
+                num_shards=num_shards,
+                shard_id=shard_id,
+                epoch=epoch,
+                disable_iterator_cache=True,
+            ).next_epoch_itr(shuffle=True)
+        except AssertionError as e:  # fairseq's batching: a sentence longer than a batch
+            raise GradInitError(f"{e}; give GradInit a larger batch", "max_tokens") from None
         batches = 0
-        for sample in epoch_itr.next_epoch_itr(shuffle=True):
+        for sample in itr:
             if not sample:  # fairseq yields {} for a shard left without data
                 continue
             batches += 1
@@ -59,4 +62,4 @@ def sample_pairs(
                 sample = utils.move_to_cuda(sample, device=device)
             yield split_sample(sample, overlap, pad)
         if batches == 0:
-            raise ValueError(f"the training set '{task.cfg.train_subset}' gives no batches")
+            raise GradInitError(f"the training set '{task.cfg.train_subset}' gives no batches")

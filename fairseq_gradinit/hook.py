@@ -39,7 +39,7 @@ class GradInitTaskMixin:
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        check_lr_scheduler(cfg.lr_scheduler)
+        check_lr_scheduler(cfg)
         if cfg.gradinit:
             try:
                 gc.validate(cfg)
@@ -97,14 +97,13 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
     cfg = task.cfg
     scaled = select_tensors(model)
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    settings = gc.settings_from_config(cfg, num_params=num_params)
+    settings = gc.settings_from_config(cfg)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     rank, world = _data_parallel()
     logger.info(
         f"GradInit: {len(scaled)} tensors scaled, {settings.iters} iterations, "
         f"target {settings.target} (eta {settings.eta:g}, l{settings.norm_order} gamma "
-        f"{settings.gamma:g}), batch of {max_tokens or max_sentences} "
+        f"{_gamma_text(settings)}), batch of {max_tokens or max_sentences} "
         f"{'tokens' if max_tokens else 'sentences'} split with overlap {cfg.gradinit_overlap}"
     )
 
@@ -128,13 +127,10 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         loss, sample_size, _ = criterion(m, sample)
         return loss / sample_size
 
-    try:
-        result = gradinit(
-            work, loss_fn, progress, settings, scaled, log,
-            all_reduce_mean=_all_reduce_mean if world > 1 else None,
-        )
-    except ValueError as e:  # an empty training set, from sample_pairs
-        raise e if isinstance(e, GradInitError) else GradInitError(str(e))
+    result = gradinit(
+        work, loss_fn, progress, settings, scaled, log,
+        all_reduce_mean=_all_reduce_mean if world > 1 else None,
+    )  # fmt: skip
 
     _apply(model, optimizer, result.scales)
     last = result.history[-1]
@@ -148,10 +144,13 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     return result
 
 
-def check_lr_scheduler(lr_scheduler) -> None:
+def check_lr_scheduler(cfg) -> None:
     """fairseq's inverse_sqrt divides by --warmup-updates; say so before it crashes."""
-    name = lr_scheduler.get("_name") if hasattr(lr_scheduler, "get") else None
-    if name == "inverse_sqrt" and lr_scheduler.get("warmup_updates", 1) == 0:
+    try:
+        warmup = cfg.warmup_updates
+    except Exception:  # a scheduler without warmup
+        return
+    if cfg.lr_scheduler == "inverse_sqrt" and warmup == 0:
         fail(
             "--lr-scheduler inverse_sqrt cannot run with --warmup-updates 0 (fairseq "
             "divides by it); for training without warmup use --lr-scheduler "
@@ -162,9 +161,12 @@ def check_lr_scheduler(lr_scheduler) -> None:
 
 def fail(error) -> None:
     """End the run with a one-line message naming the flag, not a traceback."""
-    setting = getattr(error, "setting", None)
-    where = f"{gc.flag(setting)}: " if setting and setting not in ("scaled",) else ""
-    raise SystemExit(f"fairseq-gradinit: error: {where}{error}")
+    message, setting = str(error), getattr(error, "setting", None)
+    if setting in gc.FLAG_SETTINGS:
+        if message.startswith(setting + " "):
+            message = message[len(setting) + 1 :]
+        message = f"{gc.flag(setting)} {message}" if message.startswith("must") else f"{gc.flag(setting)}: {message}"
+    raise SystemExit(f"fairseq-gradinit: error: {message}")
 
 
 def unwrap(model):
@@ -181,6 +183,7 @@ def scales_payload(result: GradInitResult, cfg) -> Dict:
     return {
         "scales": result.scales,
         "settings": settings,
+        "gamma": _json_number(result.history[0].gamma),
         "iterations": len(result.history),
         "constraint_iterations": sum(r.branch == "constraint" for r in result.history),
         "seconds": round(result.seconds, 3),
@@ -237,13 +240,20 @@ def _stats(record) -> Dict:
     stats = {
         "branch": record.branch,
         "loss_S": round(record.loss_s, 4),
-        "loss_S~": None if record.loss_s_tilde is None else round(record.loss_s_tilde, 4),
+        "loss_S~": "-" if record.loss_s_tilde is None else round(record.loss_s_tilde, 4),
         "gnorm": round(record.grad_norm, 4),
+        "gamma": round(record.gamma, 4),
         "scale_min": round(record.scale_min, 4),
         "scale_mean": round(record.scale_mean, 4),
         "scale_max": round(record.scale_max, 4),
     }
-    return {k: v for k, v in stats.items() if v is not None}
+    return stats
+
+
+def _gamma_text(settings) -> str:
+    if settings.gamma_factor is not None:
+        return f"{settings.gamma_factor:g} x the first iteration's norm"
+    return f"{settings.gamma:g}"
 
 
 def _apply(model, optimizer, scales: Dict[str, float]) -> None:

@@ -273,16 +273,23 @@ def _apply(model, optimizer, scales: Dict[str, float]) -> None:
 
 
 def _master_views(fp16_params, master):
-    """The fp32 master tensor of each fp16 parameter, flat or not."""
+    """The fp32 master tensor of each fp16 parameter, as fairseq's FP16Optimizer lays it out.
+
+    Flat masters are one tensor per device, keyed by CUDA device index (one key unless
+    pipeline-parallel), holding the parameters back to back in ``fp16_params`` order.
+    """
     if isinstance(master, (list, tuple)):
         return [p32.data for p32 in master]
-    flat = master if isinstance(master, dict) else {fp16_params[0].device: master}
-    offsets = {device: 0 for device in flat}
+    if torch.is_tensor(master):
+        master = {None: master}
+    single = len(master) == 1
+    offsets = dict.fromkeys(master, 0)
     views = []
     for p in fp16_params:
-        offset = offsets[p.device]
-        views.append(flat[p.device].data[offset : offset + p.numel()])
-        offsets[p.device] = offset + p.numel()
+        key = next(iter(master)) if single else p.device.index
+        offset = offsets[key]
+        views.append(master[key].data[offset : offset + p.numel()])
+        offsets[key] = offset + p.numel()
     return views
 
 

@@ -1,0 +1,43 @@
+"""Pieces of the fairseq hook that need no training run."""
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from fairseq_gradinit.hook import _apply
+
+
+def _fp16_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).half()
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_fp16_master_weights_are_scaled_and_the_model_copies_them(flat):
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+
+    model = _fp16_model()
+    params = list(model.parameters())
+    if flat:  # FP16Optimizer's flat layout, keyed by CUDA device index
+        flat_master = torch.cat([p.detach().float().view(-1) for p in params])
+        master = {0: torch.nn.Parameter(flat_master)}
+    else:
+        master = FP16Optimizer.build_fp32_params(None, params, flatten=False)
+    initial32 = [p.detach().float().clone() for p in params]
+    optimizer = types.SimpleNamespace(fp16_params=params, fp32_params=master)
+    scales = {"0.weight": 0.5, "1.weight": 0.3, "2.bias": 2.0}
+    _apply(model, optimizer, scales)
+
+    views = master[0].data.split([p.numel() for p in params]) if flat else [m.data for m in master]
+    for (name, p), p32, init in zip(model.named_parameters(), views, initial32):
+        expected = init.view(-1) * torch.tensor(scales.get(name, 1.0))
+        assert torch.equal(p32.view(-1), expected), name
+        assert torch.equal(p.view(-1), expected.half()), name
+
+
+def test_without_a_master_copy_the_model_itself_is_scaled():
+    model = nn.Linear(3, 3)
+    before = model.weight.detach().clone()
+    _apply(model, types.SimpleNamespace(), {"weight": 0.25})
+    assert torch.equal(model.weight, before * 0.25)

@@ -86,6 +86,13 @@ class GradInitConfig(FairseqDataclass):
             "default: 1.5 x --max-tokens, so S is about one training batch"
         },
     )
+    gradinit_load: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "apply the scales of a gradinit_scales.json to the fresh model instead "
+            "of running GradInit (same architecture and seed)"
+        },
+    )
     gradinit_only: bool = field(
         default=False,
         metadata={"help": "stop after GradInit and write <save-dir>/checkpoint_gradinit.pt"},
@@ -98,6 +105,7 @@ class GradInitConfig(FairseqDataclass):
     lr_scheduler: Optional[str] = II("lr_scheduler._name")
     warmup_updates: Optional[int] = II("lr_scheduler.warmup_updates")
     save_dir: str = II("checkpoint.save_dir")
+    train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
     log_format: Optional[str] = II("common.log_format")
     no_progress_bar: bool = II("common.no_progress_bar")
@@ -106,7 +114,7 @@ class GradInitConfig(FairseqDataclass):
 #: Settings that have a --gradinit-* flag of the same name.
 FLAG_SETTINGS = {
     "iters", "optimizer", "eta", "gamma", "lr", "betas", "grad_clip",
-    "min_scale", "max_scale", "overlap", "max_tokens",
+    "min_scale", "max_scale", "overlap", "max_tokens", "load",
 }  # fmt: skip
 
 

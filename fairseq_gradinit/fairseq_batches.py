@@ -34,7 +34,7 @@ def sample_pairs(
 
     Each worker of a data-parallel run reads its own shard, as in training.
     """
-    dataset = task.dataset(task.cfg.train_subset)
+    dataset = task.dataset(task.gradinit_cfg.train_subset)
     pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
     for epoch in itertools.count(1):
@@ -62,4 +62,4 @@ def sample_pairs(
                 sample = utils.move_to_cuda(sample, device=device)
             yield split_sample(sample, overlap, pad)
         if batches == 0:
-            raise GradInitError(f"the training set '{task.cfg.train_subset}' gives no batches")
+            raise GradInitError(f"the training set '{task.gradinit_cfg.train_subset}' gives no batches")

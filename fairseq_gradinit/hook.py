@@ -40,12 +40,20 @@ class GradInitTaskMixin:
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         check_lr_scheduler(cfg)
-        if cfg.gradinit:
-            try:
+        try:
+            if cfg.gradinit:
                 gc.validate(cfg)
-            except GradInitError as e:
-                fail(e)
+            if cfg.gradinit_load:
+                read_scales(cfg.gradinit_load)
+        except GradInitError as e:
+            fail(e)
         return super().setup_task(cfg, **kwargs)
+
+    @property
+    def gradinit_cfg(self):
+        """The task config with the --gradinit flags (``args`` on fairseq's legacy tasks)."""
+        cfg = getattr(self, "cfg", None)
+        return cfg if cfg is not None else self.args
 
     def build_model(self, cfg, *args, **kwargs):
         model = super().build_model(cfg, *args, **kwargs)
@@ -58,7 +66,8 @@ class GradInitTaskMixin:
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if self.cfg.gradinit and not getattr(self, "_gradinit_checked", False):
+        wanted = self.gradinit_cfg.gradinit or self.gradinit_cfg.gradinit_load
+        if wanted and not getattr(self, "_gradinit_checked", False):
             # Flag first: with --update-freq N this method runs N times per update.
             self._gradinit_checked = True
             if update_num > 0 or getattr(self, "_weights_from_checkpoint", False):
@@ -69,22 +78,25 @@ class GradInitTaskMixin:
 
     def _run_gradinit(self, model, criterion, optimizer):
         try:
-            result = run_gradinit(self, unwrap(model), criterion, optimizer)
+            if self.gradinit_cfg.gradinit_load:
+                payload = load_scales(self.gradinit_cfg.gradinit_load, unwrap(model), optimizer)
+            else:
+                result = run_gradinit(self, unwrap(model), criterion, optimizer)
+                payload = scales_payload(result, self.gradinit_cfg, unwrap(model))
         except GradInitError as e:
             fail(e)
-        payload = scales_payload(result, self.cfg)
         self.state.merge_state_dict({STATE_KEY: payload})
         if is_master():
-            _write_json(os.path.join(self.cfg.save_dir, SCALES_JSON), payload)
-        if self.cfg.gradinit_only:
-            path = os.path.join(self.cfg.save_dir, GRADINIT_CHECKPOINT)
+            _write_json(os.path.join(self.gradinit_cfg.save_dir, SCALES_JSON), payload)
+        if self.gradinit_cfg.gradinit_only:
+            path = os.path.join(self.gradinit_cfg.save_dir, GRADINIT_CHECKPOINT)
             if is_master():
                 save_gradinit_checkpoint(path, self, unwrap(model), criterion, optimizer)
             logger.info(f"--gradinit-only: wrote {path}; stopping before the first update")
             raise SystemExit(0)
 
     def _keep_scales_of_checkpoint(self, update_num):
-        payload = _read_scales_json(self.cfg.save_dir)
+        payload = _read_scales_json(self.gradinit_cfg.save_dir)
         if payload is not None:
             self.state.merge_state_dict({STATE_KEY: payload})
         logger.info(
@@ -95,7 +107,7 @@ class GradInitTaskMixin:
 
 def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
-    cfg = task.cfg
+    cfg = task.gradinit_cfg
     scaled = select_tensors(model)
     settings = gc.settings_from_config(cfg)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
@@ -176,12 +188,48 @@ def unwrap(model):
     return model
 
 
-def scales_payload(result: GradInitResult, cfg) -> Dict:
+def load_scales(path: str, model, optimizer) -> Dict:
+    """Apply the scales of a gradinit_scales.json to a fresh model of the same architecture."""
+    payload = read_scales(path)
+    expected = {n: list(model.get_parameter(n).shape) for n in select_tensors(model)}
+    shapes = payload.get("shapes") or {}
+    missing = sorted(set(expected) - set(payload["scales"]))
+    unknown = sorted(set(payload["scales"]) - set(expected))
+    wrong = sorted(n for n in expected if n in shapes and shapes[n] != expected[n])
+    if missing or unknown or wrong:
+        details = "; ".join(
+            f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("not in the model", unknown), ("other shape", wrong))
+            if names
+        )
+        raise GradInitError(f"{path} does not fit this model ({details})", "load")
+    _apply(model, optimizer, payload["scales"])
+    logger.info(f"GradInit: applied {len(payload['scales'])} scales from {path}")
+    return payload
+
+
+def read_scales(path: str) -> Dict:
+    """A gradinit_scales.json, checked for its form."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GradInitError(f"cannot read {path}: {e}", "load") from None
+    scales = payload.get("scales") if isinstance(payload, dict) else None
+    if not isinstance(scales, dict) or not all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in scales.values()
+    ):
+        raise GradInitError(f"{path} has no 'scales' mapping of tensor names to numbers", "load")
+    return payload
+
+
+def scales_payload(result: GradInitResult, cfg, model) -> Dict:
     settings = {k: _json_number(v) for k, v in result.settings.as_dict().items()}
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     settings.update(overlap=cfg.gradinit_overlap, max_tokens=max_tokens, max_sentences=max_sentences)
     return {
         "scales": result.scales,
+        "shapes": {n: list(model.get_parameter(n).shape) for n in result.scales},
         "settings": settings,
         "gamma": _json_number(result.history[0].gamma),
         "iterations": len(result.history),
@@ -193,7 +241,7 @@ def scales_payload(result: GradInitResult, cfg) -> Dict:
 
 def save_gradinit_checkpoint(path, task, model, criterion, optimizer) -> None:
     """A normal fairseq checkpoint at update 0 that stock fairseq can start from."""
-    root = task.cfg._get_root()  # the full training config the task config belongs to
+    root = task.gradinit_cfg._get_root()  # the full training config the task config belongs to
     state = {
         "args": None,
         "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),

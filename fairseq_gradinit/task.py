@@ -1,6 +1,6 @@
-"""Registers the GradInit translation task, and gives fairseq's default task the flags.
+"""Registers the GradInit tasks, and gives fairseq's own tasks of the same kind the flags.
 
-``translation_gradinit`` is the explicit task. Users who never pass ``--task`` get the
+``translation_gradinit`` and ``language_modeling_gradinit`` are the explicit tasks. Users who never pass ``--task`` get the
 same behaviour because the plugin puts the same class under the name ``translation``
 (in fairseq's two task registries and in hydra's ConfigStore, which builds the config
 from the command line). Without --gradinit both behave exactly like fairseq's own task.
@@ -8,6 +8,7 @@ from the command line). Without --gradinit both behave exactly like fairseq's ow
 from dataclasses import dataclass
 
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from hydra.core.config_store import ConfigStore
 
@@ -25,6 +26,16 @@ class GradInitTranslationTask(GradInitTaskMixin, TranslationTask):
     """fairseq's translation task, with GradInit before the first update (--gradinit)."""
 
 
+@dataclass
+class GradInitLanguageModelingConfig(LanguageModelingConfig, GradInitConfig):
+    pass
+
+
+@register_task("language_modeling_gradinit", dataclass=GradInitLanguageModelingConfig)
+class GradInitLanguageModelingTask(GradInitTaskMixin, LanguageModelingTask):
+    """fairseq's language-modeling task, with GradInit before the first update (--gradinit)."""
+
+
 def replace_task(name: str, task_cls, config_cls) -> None:
     """Make ``--task name`` (or fairseq's default task) build ``task_cls``."""
     TASK_REGISTRY[name] = task_cls
@@ -35,3 +46,4 @@ def replace_task(name: str, task_cls, config_cls) -> None:
 
 
 replace_task("translation", GradInitTranslationTask, GradInitTranslationConfig)
+replace_task("language_modeling", GradInitLanguageModelingTask, GradInitLanguageModelingConfig)

@@ -1,4 +1,5 @@
 """The plugin from stock fairseq-train: the user's command, resume, --gradinit-only, bad input."""
+import json
 import os
 import shutil
 
@@ -212,3 +213,52 @@ def test_inverse_sqrt_without_warmup_points_at_a_schedule_that_works(data_bin, t
     proc = fairseq("fairseq-train", data_bin, *command, *TINY_ARCH, "--cpu", "--save-dir", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--lr-scheduler polynomial_decay --power 1" in proc.stderr and "fixed" in proc.stderr
+
+
+def test_gradinit_load_applies_saved_scales_to_a_fresh_model_of_the_same_seed(data_bin, gradinit_only, tmp_path):
+    save_dir, _ = gradinit_only
+    log = ok(train(data_bin, tmp_path / "ck", "--gradinit-load", save_dir / "gradinit_scales.json", "--gradinit-only"))
+    assert "applied" in log and "GradInit done" not in log
+    learned = model_state(save_dir / "checkpoint_gradinit.pt")["model"]
+    loaded = model_state(tmp_path / "ck" / "checkpoint_gradinit.pt")["model"]
+    assert all(torch.equal(learned[k], loaded[k]) for k in learned)
+
+
+@pytest.mark.parametrize("damage", ["rename", "reshape"])
+def test_gradinit_load_refuses_a_json_of_another_model(data_bin, gradinit_only, tmp_path, damage):
+    save_dir, _ = gradinit_only
+    payload = read_json(save_dir / "gradinit_scales.json")
+    name = "encoder.layers.0.fc1.weight"
+    if damage == "rename":
+        payload["scales"]["encoder.layers.7.fc1.weight"] = payload["scales"].pop(name)
+    else:
+        payload["shapes"][name] = [3, 3]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(payload))
+    proc = train(data_bin, tmp_path / "ck", "--gradinit-load", bad)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--gradinit-load" in proc.stderr and "does not fit this model" in proc.stderr
+    assert ("encoder.layers.7" if damage == "rename" else "other shape") in proc.stderr
+
+
+def test_gradinit_load_of_a_missing_file_is_refused_at_setup(data_bin, tmp_path):
+    with pytest.raises(SystemExit, match="--gradinit-load: cannot read"):
+        _setup_task(data_bin, "--gradinit-load", str(tmp_path / "none.json"))
+
+
+def test_language_modeling_task_takes_gradinit_too(data_bin, tmp_path):
+    raw = os.path.join(os.path.dirname(os.path.dirname(data_bin)), "raw")
+    lm_bin = tmp_path / "lm-bin"
+    ok(fairseq("fairseq-preprocess", "--only-source", "--trainpref", os.path.join(raw, "train.en"),
+               "--validpref", os.path.join(raw, "valid.en"), "--destdir", lm_bin))  # fmt: skip
+    log = ok(fairseq(
+        "fairseq-train", lm_bin, "--user-dir", PLUGIN, "--gradinit", "--gradinit-iters", "5",
+        "--task", "language_modeling", "--arch", "transformer_lm", "--decoder-layers", "1",
+        "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+        "--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3",
+        "--lr-scheduler", "fixed", "--max-tokens", "512", "--max-update", "2", "--cpu",
+        "--save-dir", tmp_path / "ck", "--no-progress-bar",
+    ))  # fmt: skip
+    assert "GradInit done" in log
+    scales = read_json(tmp_path / "ck" / "gradinit_scales.json")["scales"]
+    assert "decoder.layers.0.fc1.weight" in scales

@@ -14,7 +14,6 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet --no-deps $(FAIRSEQ)
 	$(PY) -m pip install --quiet $(TORCH) -r requirements.txt

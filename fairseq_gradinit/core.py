@@ -287,7 +287,7 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, 
     # forward time: use the math kernel whenever the constraint branch may follow.
     with _math_attention() if math.isfinite(gamma) else contextlib.nullcontext():
         loss_s = objective.loss(theta, s)
-    loss_s_value = _check_finite(loss_s, "loss on S", t)
+    loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
     # First order only: the double-backward graph is built in the constraint branch alone.
     grads = torch.autograd.grad(loss_s, flat, retain_graph=True, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
@@ -309,7 +309,7 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, 
         direction = _step_direction(grads, settings.target)
         stepped = {n: p - settings.eta * d for (n, p), d in zip(theta.items(), direction)}
         loss_tilde = objective.loss(stepped, s_tilde)
-        loss_tilde_value = _check_finite(loss_tilde, "loss on S~ after the virtual step", t)
+        loss_tilde_value = _check_finite(loss_tilde, "loss on S~ after the virtual step", t, reduce)
         (scales.grad,) = torch.autograd.grad(loss_tilde, scales)
         branch = OBJECTIVE
     reduce([scales.grad])
@@ -332,7 +332,15 @@ def _step_direction(grads: Sequence[torch.Tensor], target: str) -> List[torch.Te
     return [g.detach() / l2 for g in grads]
 
 
-def _check_finite(value: torch.Tensor, what: str, t: int) -> float:
+def _check_finite(value: torch.Tensor, what: str, t: int, reduce=None) -> float:
+    """The value as a float; an error if it is nan or inf.
+
+    With ``reduce`` the value is averaged over workers first, so that all of them see a
+    nan together and stop together instead of waiting on each other.
+    """
+    if reduce is not None:
+        value = value.detach().clone().reshape(1)
+        reduce([value])
     number = value.item()
     if not math.isfinite(number):
         raise GradInitError(

@@ -145,6 +145,8 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     )  # fmt: skip
 
     _apply(model, optimizer, result.scales)
+    if world > 1:
+        _check_workers_agree(model, result.scales, world)
     last = result.history[-1]
     branches = sum(r.branch == "constraint" for r in result.history)
     progress.print(_stats(last), tag="gradinit", step=settings.iters)
@@ -183,7 +185,7 @@ def fail(error) -> None:
 
 def unwrap(model):
     """The model inside data-parallel wrappers (fairseq's and torch's)."""
-    while isinstance(model, torch.nn.Module) and not hasattr(model, "max_positions") and hasattr(model, "module"):
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
 
@@ -353,14 +355,31 @@ def _data_parallel():
     return 0, 1
 
 
-def _all_reduce_mean(tensors) -> None:
+def _check_workers_agree(model, scales: Dict[str, float], world: int) -> None:
+    """Every worker must start training from the same weights; compare them bit for bit."""
     from fairseq.distributed import utils as dist_utils
 
-    group = dist_utils.get_data_parallel_group()
-    world = dist_utils.get_data_parallel_world_size()
+    with torch.no_grad():
+        weights = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+        fingerprint = (tuple(scales.values()), weights.abs().sum().item(), weights.sum().item())
+    gathered = [None] * world
+    dist.all_gather_object(gathered, fingerprint, group=dist_utils.get_data_parallel_group())
+    if any(other != gathered[0] for other in gathered):
+        raise GradInitError("workers ended GradInit with different scales or weights")
+    logger.info(f"GradInit: scales and weights identical on all {world} workers")
+
+
+def _all_reduce_mean(tensors) -> None:
+    """Average tensors over the data-parallel workers, in one message."""
+    from fairseq.distributed import utils as dist_utils
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist_utils.all_reduce(flat, dist_utils.get_data_parallel_group())
+    flat.div_(dist_utils.get_data_parallel_world_size())
+    offset = 0
     for t in tensors:
-        dist_utils.all_reduce(t, group)
-        t.div_(world)
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _json_number(value):

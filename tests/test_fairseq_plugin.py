@@ -2,11 +2,12 @@
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
 
-from conftest import PLUGIN, TINY_ARCH, USER_COMMAND, fairseq, read_json, train
+from conftest import BIN, PLUGIN, TINY_ARCH, USER_COMMAND, fairseq, read_json, train
 
 
 def ok(proc):
@@ -262,3 +263,24 @@ def test_language_modeling_task_takes_gradinit_too(data_bin, tmp_path):
     assert "GradInit done" in log
     scales = read_json(tmp_path / "ck" / "gradinit_scales.json")["scales"]
     assert "decoder.layers.0.fc1.weight" in scales
+
+
+def test_two_workers_end_gradinit_with_identical_scales_and_weights(data_bin, tmp_path):
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "fairseq-train"), data_bin, *USER_COMMAND, *TINY_ARCH, "--cpu",
+             "--gradinit-iters", "4", "--max-update", "2", "--save-dir", str(tmp_path / "ck"),
+             "--no-progress-bar", "--distributed-world-size", "2", "--distributed-rank", str(rank),
+             "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+             "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+        assert log.count("GradInit done") == 1
+        assert "scales and weights identical on all 2 workers" in log
+    assert read_json(tmp_path / "ck" / "gradinit_scales.json")["iterations"] == 4

@@ -279,8 +279,9 @@ def test_two_workers_end_gradinit_with_identical_scales_and_weights(data_bin, tm
         for rank in (0, 1)
     ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
-    for proc, log in zip(procs, logs):
+    for proc, log in zip(procs, logs):  # a worker that disagreed would have failed
         assert proc.returncode == 0, log[-3000:]
-        assert log.count("GradInit done") == 1
-        assert "scales and weights identical on all 2 workers" in log
+    # fairseq logs INFO on the first worker only.
+    assert logs[0].count("GradInit done") == 1
+    assert "scales and weights identical on all 2 workers" in logs[0]
     assert read_json(tmp_path / "ck" / "gradinit_scales.json")["iterations"] == 4

@@ -274,7 +274,15 @@ class _Objective(nn.Module):
 
     def loss(self, tensors: Dict[str, torch.Tensor], batch) -> torch.Tensor:
         prefixed = {"model." + n: v for n, v in tensors.items()}
-        return functional_call(self, prefixed, (batch,), strict=False)
+        # functional_call restores a module reachable under two names (fairseq's
+        # --share-all-embeddings) only once and leaves a substituted tensor behind in
+        # it; putting every module's own parameters back keeps the model intact.
+        saved = [(m, dict(m._parameters)) for m in self.model.modules()]
+        try:
+            return functional_call(self, prefixed, (batch,), strict=False)
+        finally:
+            for module, params in saved:
+                module._parameters.update(params)
 
 
 def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, gamma, gamma_factor=None):

@@ -259,6 +259,30 @@ def test_a_tensor_shared_by_two_modules_gets_one_scale():
     assert torch.equal(model.embed.weight, result.scales["embed.weight"] * init["embed.weight"])
 
 
+def test_a_module_reachable_under_two_names_keeps_its_parameters():
+    class SharedModule(nn.Module):  # fairseq's --share-all-embeddings: one module, two names
+        def __init__(self):
+            super().__init__()
+            self.encoder_embed = self.decoder_embed = nn.Embedding(10, 6)
+            self.out = nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.out(self.encoder_embed(x).mean(1) + self.decoder_embed(x).mean(1))
+
+    torch.manual_seed(0)
+    model = SharedModule()
+    before = [id(p) for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 10, (12, 4), generator=g), torch.randint(0, 10, (12,), generator=g)) for _ in range(3)]
+    loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    result = gradinit(model, loss_fn, pairs(batches), GradInitSettings(iters=3))
+    assert list(result.scales) == ["encoder_embed.weight", "out.weight", "out.bias"]
+    assert [id(p) for p in model.parameters()] == before
+    assert isinstance(model.decoder_embed.weight, nn.Parameter)
+    loss_fn(model, batches[0]).backward()  # the model still trains
+    assert model.encoder_embed.weight.grad is not None
+
+
 def test_zero_tensors_are_skipped_not_divided_by_zero():
     net = make_net()
     with torch.no_grad():

@@ -285,3 +285,11 @@ def test_two_workers_end_gradinit_with_identical_scales_and_weights(data_bin, tm
     assert logs[0].count("GradInit done") == 1
     assert "scales and weights identical on all 2 workers" in logs[0]
     assert read_json(tmp_path / "ck" / "gradinit_scales.json")["iterations"] == 4
+
+
+def test_share_all_embeddings_gets_one_scale_and_trains_after_gradinit(data_bin, tmp_path):
+    log = ok(train(data_bin, tmp_path / "ck", "--share-all-embeddings", "--max-update", "2"))
+    assert "num_updates=2" in log
+    scales = read_json(tmp_path / "ck" / "gradinit_scales.json")["scales"]
+    assert "encoder.embed_tokens.weight" in scales
+    assert not any(n.startswith("decoder.embed_tokens") or "output_projection" in n for n in scales)

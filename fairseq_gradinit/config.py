@@ -157,16 +157,20 @@ def settings_from_config(cfg) -> GradInitSettings:
 
 
 def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
-    """(max tokens, max sentences) of one GradInit batch, before its split into S and S~."""
-    if cfg.gradinit_max_tokens is not None:
-        if cfg.gradinit_max_tokens < 2:
-            raise GradInitError("must be >= 2", "max_tokens")
-        return cfg.gradinit_max_tokens, None
-    if cfg.max_tokens is not None:
-        return int(1.5 * cfg.max_tokens), None
-    if cfg.batch_size is not None:
-        return None, int(math.ceil(1.5 * cfg.batch_size))
-    raise GradInitError("neither --max-tokens nor --batch-size is set", "max_tokens")
+    """(max tokens, max sentences) of one GradInit batch, before its split into S and S~.
+
+    Each is 1.5 x its training counterpart, so that S (2/3 of the batch) is about one
+    training batch; --gradinit-max-tokens replaces the token limit.
+    """
+    if cfg.gradinit_max_tokens is not None and cfg.gradinit_max_tokens < 2:
+        raise GradInitError(f"must be >= 2 (got {cfg.gradinit_max_tokens})", "max_tokens")
+    tokens = cfg.gradinit_max_tokens
+    if tokens is None and cfg.max_tokens is not None:
+        tokens = int(1.5 * cfg.max_tokens)
+    sentences = None if cfg.batch_size is None else int(math.ceil(1.5 * cfg.batch_size))
+    if tokens is None and sentences is None:
+        raise GradInitError("neither --max-tokens nor --batch-size is set", "max_tokens")
+    return tokens, sentences
 
 
 def validate(cfg) -> None:

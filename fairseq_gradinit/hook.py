@@ -115,8 +115,8 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     logger.info(
         f"GradInit: {len(scaled)} tensors scaled, {settings.iters} iterations, "
         f"target {settings.target} (eta {settings.eta:g}, l{settings.norm_order} gamma "
-        f"{_gamma_text(settings)}), batch of {max_tokens or max_sentences} "
-        f"{'tokens' if max_tokens else 'sentences'} split with overlap {cfg.gradinit_overlap}"
+        f"{_gamma_text(settings)}), batches of {_batch_text(max_tokens, max_sentences)} "
+        f"split with overlap {cfg.gradinit_overlap}"
     )
 
     # GradInit computes in fp32 whatever precision training uses.
@@ -298,6 +298,11 @@ def _stats(record) -> Dict:
         "scale_max": round(record.scale_max, 4),
     }
     return stats
+
+
+def _batch_text(max_tokens, max_sentences) -> str:
+    limits = [f"{max_tokens} tokens" if max_tokens else "", f"{max_sentences} sentences" if max_sentences else ""]
+    return " and ".join(x for x in limits if x) + " at most"
 
 
 def _gamma_text(settings) -> str:

@@ -2,7 +2,9 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -293,3 +295,26 @@ def test_share_all_embeddings_gets_one_scale_and_trains_after_gradinit(data_bin,
     scales = read_json(tmp_path / "ck" / "gradinit_scales.json")["scales"]
     assert "encoder.embed_tokens.weight" in scales
     assert not any(n.startswith("decoder.embed_tokens") or "output_projection" in n for n in scales)
+
+
+def test_one_sentence_per_batch_is_too_small_to_split_and_says_so(data_bin, tmp_path):
+    proc = train(data_bin, tmp_path / "ck", "--batch-size", "1")  # GradInit batches: 2 sentences
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--gradinit-max-tokens: a batch of 2 samples is too small to split" in proc.stderr
+
+
+def test_stopping_during_gradinit_leaves_no_checkpoint_or_scales(data_bin, tmp_path):
+    save_dir = tmp_path / "ck"
+    args = [data_bin, *USER_COMMAND, *TINY_ARCH, "--cpu", "--gradinit-iters", "100000",
+            "--gradinit-only", "--save-dir", save_dir, "--no-progress-bar"]  # fmt: skip
+    proc = subprocess.Popen([str(BIN / "fairseq-train"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if "GradInit: " in line:  # GradInit has started
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    leftovers = sorted(p.name for p in save_dir.iterdir()) if save_dir.exists() else []
+    assert not [n for n in leftovers if n.endswith(".pt") or n.endswith(".json")], leftovers

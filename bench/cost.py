@@ -1,0 +1,204 @@
+"""What one GradInit iteration costs next to one ordinary training step.
+
+    .venv/bin/python bench/cost.py                     # Multi30k, both model sizes, CPU
+    .venv/bin/python bench/cost.py --data DATA_BIN --models iwslt --device cuda
+
+For each model, three modes run in separate child processes on the same real batches
+(so that each peak memory is its own): a training step (forward, backward, Adam step,
+dropout on), a GradInit iteration in the objective branch and one in the constraint
+branch (eval mode, the default GradInit batch: 1.5 x --max-tokens split into S and S~).
+Times are medians over --repeats after --warmup iterations; memory is the child's peak
+(CPU: max RSS of the whole process; GPU: torch.cuda.max_memory_allocated). Everything
+is printed as a ratio to the training step, with the targets from the project's issue.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    "iwslt": ["--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed"],
+    "small": [
+        "--arch", "transformer", "--share-decoder-input-output-embed",
+        "--encoder-layers", "6", "--decoder-layers", "6",
+        "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
+        "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    ],
+}  # fmt: skip
+TARGETS = {"objective": 1.6, "constraint": 2.5}
+MEMORY_TARGET = 1.3
+PAPER_ITERS, PAPER_UPDATES = 780, 100_000
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="fairseq data-bin; default: Multi30k prepared under bench/work/")
+    parser.add_argument("--models", default="iwslt,small", help=f"comma list of {sorted(MODELS)}")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # mode:model, run by this script
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    data = args.data or prepare_multi30k()
+    rows = []
+    for model in args.models.split(","):
+        results = {mode: run_child(args, data, mode, model) for mode in ("train", "objective", "constraint")}
+        rows.append((model, results))
+    report(rows, args)
+
+
+def prepare_multi30k() -> str:
+    data_bin = ROOT / "bench" / "work" / "multi30k" / "data-bin"
+    if not (data_bin / "dict.de.txt").exists():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "examples" / "prepare_data.py")
+        prepare_data = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prepare_data)
+        raw = ROOT.parent / "shared" / "data" / "multi30k"
+        prepare_data.prepare(raw, data_bin.parent, "de", "en", 8000, workers=2)
+    return str(data_bin)
+
+
+def run_child(args, data, mode, model) -> dict:
+    command = [sys.executable, __file__, "--child", f"{mode}:{model}", "--data", data,
+               "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench/cost.py: {mode} on {model} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {model:6s} {mode:10s} median {result['seconds']:.3f}s  peak {result['peak_mb']:.0f} MB", flush=True)
+    return result
+
+
+def child(args):
+    import torch
+
+    mode, model_name = args.child.split(":")
+    task, model, criterion, batches = build(args, model_name)
+    device = torch.device(args.device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    n = args.warmup + args.repeats
+    times = train_times(model, criterion, batches["train"], n) if mode == "train" else \
+        gradinit_times(model, criterion, batches["gradinit"], n, mode)  # fmt: skip
+    seconds = statistics.median(times[args.warmup :])
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "params": params, "times": times}))
+
+
+def build(args, model_name):
+    import fairseq_gradinit  # noqa: F401  (registers the task)
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_gradinit.fairseq_batches import sample_pairs
+
+    argv = [args.data, *MODELS[model_name], "--optimizer", "adam", "--lr", "5e-4",
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--max-tokens", str(args.max_tokens), "--dropout", "0.1", "--seed", "1"]  # fmt: skip
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    utils.set_torch_seed(1)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    n = args.warmup + args.repeats
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"), max_tokens=args.max_tokens, seed=1, disable_iterator_cache=True,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+    ).next_epoch_itr(shuffle=True)  # fmt: skip
+    train_batches = [next(itr) for _ in range(n)]
+    pairs = sample_pairs(task, model, int(1.5 * args.max_tokens), None, 0.5, seed=1)
+    gradinit_batches = [next(pairs) for _ in range(n)]
+    if args.device == "cuda":
+        train_batches = [utils.move_to_cuda(b) for b in train_batches]
+        gradinit_batches = [tuple(utils.move_to_cuda(x) for x in p) for p in gradinit_batches]
+    return task, model, criterion, {"train": train_batches, "gradinit": gradinit_batches}
+
+
+def train_times(model, criterion, batches, n):
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98))
+    model.train()
+    times = []
+    for sample in batches[:n]:
+        start = _now()
+        loss, sample_size, _ = criterion(model, sample)
+        (loss / sample_size).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(_now() - start)
+    return times
+
+
+def gradinit_times(model, criterion, pairs, n, mode):
+    import math
+
+    from fairseq_gradinit.core import GradInitSettings, gradinit
+
+    gamma = math.inf if mode == "objective" else 1e-12  # force the branch
+    settings = GradInitSettings(iters=n, eta=5e-4, target="adam", gamma=gamma)
+    stamps = [_now()]
+
+    def loss_fn(m, sample):
+        loss, sample_size, _ = criterion(m, sample)
+        return loss / sample_size
+
+    result = gradinit(model, loss_fn, pairs, settings, on_iteration=lambda r: stamps.append(_now()))
+    assert all(r.branch == mode for r in result.history)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _now():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def report(rows, args):
+    print(f"\nGradInit cost, {args.device}, --max-tokens {args.max_tokens}, median of {args.repeats} "
+          f"after {args.warmup} warm-up (ratios to one training step)\n")  # fmt: skip
+    print("| model | params | train step | objective iter | constraint iter | peak mem: objective | peak mem: constraint | GradInit share of 780 iters + 100k updates |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, r in rows:
+        train = r["train"]
+
+        def ratio(mode, key="seconds", target=None):
+            value = r[mode][key] / train[key]
+            mark = "" if target is None else (" ok" if value <= target else f" MISSES {target}x")
+            return f"{value:.2f}x{mark}"
+
+        share = PAPER_ITERS * r["objective"]["seconds"]
+        share /= share + PAPER_UPDATES * train["seconds"]
+        print(f"| {model} | {train['params'] / 1e6:.1f}M | {train['seconds']:.3f}s, {train['peak_mb']:.0f} MB "
+              f"| {ratio('objective', target=TARGETS['objective'])} "
+              f"| {ratio('constraint', target=TARGETS['constraint'])} "
+              f"| {ratio('objective', 'peak_mb', MEMORY_TARGET)} "
+              f"| {ratio('constraint', 'peak_mb', MEMORY_TARGET)} | {share:.2%} |")  # fmt: skip
+    print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,4 +10,7 @@ setup(
     # fairseq itself is not listed: the official 0.12.2 release and its maintained forks
     # install under different names, and an unpinned torch would pull a CUDA build.
     install_requires=[],
+    entry_points={
+        "console_scripts": ["fairseq-gradinit-report = fairseq_gradinit.report:cli_main"],
+    },
 )

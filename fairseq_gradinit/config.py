@@ -97,6 +97,13 @@ class GradInitConfig(FairseqDataclass):
         default=False,
         metadata={"help": "stop after GradInit and write <save-dir>/checkpoint_gradinit.pt"},
     )
+    gradinit_wskip: bool = field(
+        default=False,
+        metadata={
+            "help": "give the w_skip vectors of transformer_wskip* their own scales too "
+            "(default off, as in the paper)"
+        },
+    )
     # Training-wide settings GradInit derives its defaults from (no flags of their own).
     max_tokens: Optional[int] = II("dataset.max_tokens")
     batch_size: Optional[int] = II("dataset.batch_size")

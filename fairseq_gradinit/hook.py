@@ -22,8 +22,10 @@ from fairseq.logging import progress_bar
 from omegaconf import OmegaConf
 
 from . import config as gc
+from .admin_init import admin_initialize_for_training, wants_admin
 from .core import GradInitError, GradInitResult, apply_scales, gradinit
 from .fairseq_batches import sample_pairs
+from .models import wskip_parameter_names
 from .selection import select_tensors
 
 logger = logging.getLogger("fairseq_gradinit")
@@ -66,23 +68,32 @@ class GradInitTaskMixin:
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        wanted = self.gradinit_cfg.gradinit or self.gradinit_cfg.gradinit_load
-        if wanted and not getattr(self, "_gradinit_checked", False):
+        if not getattr(self, "_first_step_seen", False):
             # Flag first: with --update-freq N this method runs N times per update.
-            self._gradinit_checked = True
-            if update_num > 0 or getattr(self, "_weights_from_checkpoint", False):
-                self._keep_scales_of_checkpoint(update_num)
-            else:
-                self._run_gradinit(model, criterion, optimizer)
+            self._first_step_seen = True
+            self._before_first_update(unwrap(model), criterion, optimizer, update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def _before_first_update(self, model, criterion, optimizer, update_num):
+        """Admin's w_skip profiling (--wskip-init admin), then GradInit, on fresh weights only."""
+        cfg = self.gradinit_cfg
+        fresh = update_num == 0 and not getattr(self, "_weights_from_checkpoint", False)
+        if fresh and wants_admin(model):
+            admin_initialize_for_training(self, model, optimizer)
+        if not (cfg.gradinit or cfg.gradinit_load):
+            return
+        if fresh:
+            self._run_gradinit(model, criterion, optimizer)
+        else:
+            self._keep_scales_of_checkpoint(update_num)
 
     def _run_gradinit(self, model, criterion, optimizer):
         try:
             if self.gradinit_cfg.gradinit_load:
-                payload = load_scales(self.gradinit_cfg.gradinit_load, unwrap(model), optimizer)
+                payload = load_scales(self.gradinit_cfg.gradinit_load, model, optimizer)
             else:
-                result = run_gradinit(self, unwrap(model), criterion, optimizer)
-                payload = scales_payload(result, self.gradinit_cfg, unwrap(model))
+                result = run_gradinit(self, model, criterion, optimizer)
+                payload = scales_payload(result, self.gradinit_cfg, model)
         except GradInitError as e:
             fail(e)
         self.state.merge_state_dict({STATE_KEY: payload})
@@ -91,7 +102,7 @@ class GradInitTaskMixin:
         if self.gradinit_cfg.gradinit_only:
             path = os.path.join(self.gradinit_cfg.save_dir, GRADINIT_CHECKPOINT)
             if is_master():
-                save_gradinit_checkpoint(path, self, unwrap(model), criterion, optimizer)
+                save_gradinit_checkpoint(path, self, model, criterion, optimizer)
             logger.info(f"--gradinit-only: wrote {path}; stopping before the first update")
             raise SystemExit(0)
 
@@ -108,7 +119,7 @@ class GradInitTaskMixin:
 def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
     cfg = task.gradinit_cfg
-    scaled = select_tensors(model)
+    scaled = select_tensors(model, extra_names=_wskip_extra(model, cfg))
     settings = gc.settings_from_config(cfg)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     rank, world = _data_parallel()
@@ -158,6 +169,13 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     return result
 
 
+def _wskip_extra(model, cfg):
+    """w_skip vectors (transformer_wskip*) get GradInit scales only with --gradinit-wskip."""
+    if cfg is not None and not getattr(cfg, "gradinit_wskip", False):
+        return []
+    return wskip_parameter_names(model)
+
+
 def check_lr_scheduler(cfg) -> None:
     """fairseq's inverse_sqrt divides by --warmup-updates; say so before it crashes."""
     try:
@@ -193,7 +211,8 @@ def unwrap(model):
 def load_scales(path: str, model, optimizer) -> Dict:
     """Apply the scales of a gradinit_scales.json to a fresh model of the same architecture."""
     payload = read_scales(path)
-    expected = {n: list(model.get_parameter(n).shape) for n in select_tensors(model)}
+    wskip = [n for n in _wskip_extra(model, None) if n in payload["scales"]]  # --gradinit-wskip runs
+    expected = {n: list(model.get_parameter(n).shape) for n in select_tensors(model, extra_names=wskip)}
     shapes = payload.get("shapes") or {}
     missing = sorted(set(expected) - set(payload["scales"]))
     unknown = sorted(set(payload["scales"]) - set(expected))

@@ -18,6 +18,7 @@ It writes ``report.md`` (also printed), ``weights.png``, ``gradients.png`` and
     write_markdown(rows, "report.md"); plot(rows, "plots/"); print(summary(rows))
 """
 import argparse
+import contextlib
 import copy
 import glob
 import itertools
@@ -101,10 +102,13 @@ class Row:
 
 def describe(name: str):
     """(tick label, group) of a parameter name: "E3 fc1", "encoder FFN fc1"."""
-    match = re.match(r"^(encoder|decoder)\.(?:layers\.(\d+)\.)?(.+)\.(weight|bias)$", name)
+    match = re.match(r"^(encoder|decoder)\.(?:layers\.(\d+)\.)?(?:(.+)\.)?(\w+)$", name)
     if match is None:  # not a fairseq encoder/decoder tensor: the name says it best
         return name, re.sub(r"\.\d+\.", ".*.", name)
     side, layer, part, param = match.groups()
+    if part is None or param not in ("weight", "bias"):
+        # A module's own vector (e.g. a w_skip of transformer_wskip): name it by itself.
+        part, param = ".".join(filter(None, (part, param))), "weight"
     short, words = PARTS.get(part, (part, part))
     label = f"{SIDES[side]}{layer if layer is not None else ''} {short}"
     group = f"{side} {words}"
@@ -126,7 +130,8 @@ def collect(
         save_dir: the run's --save-dir (holds gradinit_scales.json and a checkpoint).
         data_bin: the binarized data the run trained on.
         batches: number N of training batches for sigma(g) (>= 2).
-        max_tokens: tokens per batch; default the run's --max-tokens, else 4096.
+        max_tokens: tokens per batch; default the run's --max-tokens (or, without it,
+            its --batch-size sentences), else 4096.
         seed: seed of the batch order; default the run's --seed.
 
     Raises:
@@ -140,7 +145,10 @@ def collect(
     if not os.path.isdir(data_bin):
         raise ReportError(f"no data directory {data_bin}")
     scales = payload["scales"]
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign file: say which one
+        raise ReportError(f"cannot read {ckpt_path}: {e}") from None
     cfg = _run_config(state, ckpt_path, data_bin)
 
     # Exactly fairseq-train's order: seed, task, model (initialization draws from it).
@@ -259,8 +267,8 @@ def summary(rows: List[Row], top: int = 3) -> str:
         if not means:
             return "GradInit scaled no tensor"
         m, g, _ = means[0]
-        return f"GradInit scaled no group down (lowest mean scale: {g} x{m:.2f})"
-    parts = [f"{g} x{m:.2f}" if n == 1 else f"{g} mean x{m:.2f} ({n} tensors)" for m, g, n in down]
+        return f"GradInit scaled no group down (lowest mean scale: {g} x{_times(m)})"
+    parts = [f"{g} x{_times(m)}" if n == 1 else f"{g} mean x{_times(m)} ({n} tensors)" for m, g, n in down]
     return "GradInit scaled down most: " + "; ".join(parts)
 
 
@@ -322,34 +330,48 @@ def cli_main(argv=None) -> None:
     parser.add_argument("--seed", type=int, help="seed of the batch order (default: the run's)")
     args = parser.parse_args(argv)
 
-    # fairseq logs every dataset it opens and matplotlib its font search; torch warns
-    # about fairseq 0.12's own calls. The report's lines are enough on the console.
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fairseq-gradinit-report: %(message)s"))
-    logger.addHandler(handler)
-    propagate, level = logger.propagate, logger.level
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    try:
-        rows = collect(args.save_dir, args.data_bin, args.batches, args.max_tokens, args.seed)
-    except ReportError as e:
-        print(f"fairseq-gradinit-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:  # cli_main may be called from Python: leave logging as it was
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-        logger.setLevel(level)
-    out = args.out or os.path.join(args.save_dir, "gradinit_report")
-    table = write_markdown(rows, os.path.join(out, "report.md"))
-    with open(os.path.join(out, "rows.json"), "w") as f:
-        json.dump([r.as_dict() for r in rows], f, indent=1)
-    paths = plot(rows, out)
+    with _console():
+        try:
+            rows = collect(args.save_dir, args.data_bin, args.batches, args.max_tokens, args.seed)
+        except ReportError as e:
+            print(f"fairseq-gradinit-report: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        out = args.out or os.path.join(args.save_dir, "gradinit_report")
+        table = write_markdown(rows, os.path.join(out, "report.md"))
+        with open(os.path.join(out, "rows.json"), "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=1)
+        paths = plot(rows, out)
     print(table)
     print(summary(rows))
     print(f"wrote {os.path.join(out, 'report.md')}, rows.json, " + ", ".join(map(os.path.basename, paths)))
+
+
+@contextlib.contextmanager
+def _console():
+    """The report's own lines on stderr, and little else; restores logging afterwards.
+
+    fairseq logs every dataset it opens and matplotlib its font search; torch warns about
+    fairseq 0.12's own calls. cli_main may be called from Python, hence the restore.
+    """
+    quiet = [logging.getLogger(name) for name in ("fairseq", "matplotlib")]
+    saved = [(lg, lg.level) for lg in quiet] + [(logger, logger.level)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fairseq-gradinit-report: %(message)s"))
+    propagate = logger.propagate
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 def _find_inputs(save_dir: str):
@@ -437,7 +459,7 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
         task.load_dataset(subset, epoch=1, combine=False)
     except Exception as e:  # translation raises FileNotFoundError, other tasks bare Exceptions
         raise ReportError(f"cannot load the training set '{subset}' from {cfg.task.data}: {e}") from None
-    samples = []
+    samples, per_epoch = [], None
     for epoch in itertools.count(1):
         itr = task.get_batch_iterator(
             dataset=task.dataset(subset),
@@ -450,14 +472,20 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
             epoch=epoch,
             disable_iterator_cache=True,
         ).next_epoch_itr(shuffle=True)
-        before = len(samples)
         for sample in itr:
             if sample:  # fairseq yields {} for an empty shard
                 samples.append(sample)
             if len(samples) == n:
+                if per_epoch is not None:  # later epochs reshuffle the same sentences
+                    logger.warning(
+                        f"warning: one epoch of '{subset}' gives only {per_epoch} batches; "
+                        f"the other {n - per_epoch} re-use its sentences (a smaller "
+                        "--max-tokens gives more distinct batches)"
+                    )
                 return samples
-        if len(samples) == before:
+        if not samples:
             raise ReportError(f"the training set '{subset}' gives no batches")
+        per_epoch = per_epoch or len(samples)
 
 
 def _report_order(names: List[str]) -> List[str]:
@@ -487,6 +515,11 @@ def _kind(module) -> str:
 
 def _magnitude(p: torch.Tensor) -> float:
     return p.detach().double().abs().mean().item()
+
+
+def _times(factor: float) -> str:
+    """Two decimals, or three where two would print a scale below 1 as "1.00"."""
+    return f"{factor:.2f}" if f"{factor:.2f}" != "1.00" else f"{factor:.3f}"
 
 
 def _log_y(ax, values) -> None:

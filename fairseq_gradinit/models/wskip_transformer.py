@@ -1,0 +1,205 @@
+"""Post-LN Transformer with a learnable skip weight on every residual connection.
+
+Every sublayer (encoder: self-attention, FFN; decoder: self-attention, encoder
+attention, FFN) computes ``LayerNorm(w_skip * x + f(x))`` with ``w_skip`` a vector of
+size embed_dim, one per sublayer: the parametrisation of Admin (Liu et al. 2020,
+"Understanding the Difficulty of Training Transformers"). With every ``w_skip = 1`` the
+model computes exactly what fairseq's ``transformer`` computes.
+
+fairseq's layers are reused unchanged through their ``residual_connection(x, residual)``
+hook; only that hook is replaced. See ``--wskip-init`` for how w_skip starts
+(``ones``, or ``admin``: Admin's profiling initialization, run by the plugin before the
+first update, see ``fairseq_gradinit.admin_init``).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder, TransformerModel
+from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+WSKIP_PREFIX = "w_skip_"
+WSKIP_INITS = ("ones", "admin")
+
+
+class _StopForward(Exception):
+    """Raised by a profiler to end a forward pass early (see admin_init)."""
+
+
+class WSkipLayerMixin:
+    """The residual connection ``w_skip * residual + x`` for a fairseq Transformer layer.
+
+    Which sublayer is calling: fairseq's layer ``forward`` calls
+    ``residual_connection`` once per sublayer, always in the same order (self-attention,
+    [encoder attention,] FFN), and passes nothing that says which. The layer's own
+    ``forward`` (overridden below, it only wraps the parent's) therefore writes down, at
+    its start, the order of the sublayers this call will run (``_wskip_order``: the
+    decoder's encoder attention runs only when there is an encoder output) and resets a
+    call counter; ``residual_connection`` takes the next name from that order. At the end
+    of ``forward`` the counter must equal the number of sublayers, so a fairseq version
+    that called the hook a different number of times would fail loudly, not silently
+    mis-assign weights. Activation checkpointing re-runs the whole ``forward``, so the
+    counter is reset there too.
+    """
+
+    #: "encoder" or "decoder": Admin accumulates the two stacks separately.
+    wskip_stack = ""
+
+    def _add_wskip(self, names, embed_dim):
+        self.wskip_names = tuple(names)
+        for name in names:
+            setattr(self, WSKIP_PREFIX + name, nn.Parameter(torch.ones(embed_dim)))
+        self._wskip_order = ()
+        self._wskip_calls = 0
+        self._wskip_mask = None
+        #: profiling callback (admin_init): f(layer, sublayer, branch, residual, mask) -> None
+        self.wskip_profiler = None
+
+    def _start(self, order, padding_mask):
+        self._wskip_order = order
+        self._wskip_calls = 0
+        self._wskip_mask = padding_mask
+
+    def _finish(self):
+        if self._wskip_calls != len(self._wskip_order):
+            raise RuntimeError(
+                f"{type(self).__name__}: residual_connection was called {self._wskip_calls} "
+                f"times, expected {len(self._wskip_order)} ({', '.join(self._wskip_order)})"
+            )
+
+    def residual_connection(self, x, residual):
+        name = self._wskip_order[self._wskip_calls]
+        self._wskip_calls += 1
+        if self.wskip_profiler is not None:
+            self.wskip_profiler(self, name, x, residual, self._wskip_mask)
+        # 1.0 * residual == residual exactly, so w_skip = 1 gives fairseq's residual + x.
+        return getattr(self, WSKIP_PREFIX + name) * residual + x
+
+    # fairseq 0.12.2 (not the fork installed here) sends eval-mode Post-LN encoder layers
+    # loaded from a state dict through a fused kernel (torch's _transformer_encoder_layer_fwd)
+    # that never calls residual_connection and would ignore w_skip. These attributes decide
+    # that path; pinning them (setters ignore what fairseq assigns) keeps the slow path.
+    load_to_BT = property(lambda self: False, lambda self, value: None)
+    can_use_fastpath = property(lambda self: False, lambda self, value: None)
+    BT_version = property(lambda self: False, lambda self, value: None)
+
+
+class WSkipTransformerEncoderLayer(WSkipLayerMixin, TransformerEncoderLayerBase):
+    wskip_stack = "encoder"
+
+    def __init__(self, cfg, return_fc=False):
+        super().__init__(cfg, return_fc=return_fc)
+        self._add_wskip(("self_attn", "ffn"), cfg.encoder.embed_dim)
+
+    def forward(self, x, encoder_padding_mask: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor] = None):
+        self._start(self.wskip_names, encoder_padding_mask)
+        out = super().forward(x, encoder_padding_mask, attn_mask=attn_mask)
+        self._finish()
+        return out
+
+
+class WSkipTransformerDecoderLayer(WSkipLayerMixin, TransformerDecoderLayerBase):
+    wskip_stack = "decoder"
+
+    def __init__(self, cfg, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+        names = ("self_attn", "ffn") if self.encoder_attn is None else ("self_attn", "encoder_attn", "ffn")
+        self._add_wskip(names, cfg.decoder.embed_dim)
+
+    def forward(self, x, encoder_out=None, encoder_padding_mask=None, incremental_state=None,
+                prev_self_attn_state=None, prev_attn_state=None, self_attn_mask=None,
+                self_attn_padding_mask=None, need_attn=False, need_head_weights=False):  # fmt: skip
+        order = self.wskip_names
+        if encoder_out is None:  # fairseq's forward then skips the encoder attention
+            order = tuple(n for n in order if n != "encoder_attn")
+        self._start(order, self_attn_padding_mask)
+        out = super().forward(
+            x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state,
+            prev_attn_state, self_attn_mask, self_attn_padding_mask, need_attn, need_head_weights,
+        )  # fmt: skip
+        self._finish()
+        return out
+
+
+def _wrap(layer, cfg):
+    """fairseq's build_*_layer wrapping: activation checkpointing, FSDP."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+class WSkipTransformerEncoder(TransformerEncoder):
+    def build_encoder_layer(self, args):
+        cfg = TransformerConfig.from_namespace(args)
+        return _wrap(WSkipTransformerEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+
+
+class WSkipTransformerDecoder(TransformerDecoder):
+    def build_decoder_layer(self, args, no_encoder_attn=False):
+        cfg = TransformerConfig.from_namespace(args)
+        return _wrap(WSkipTransformerDecoderLayer(cfg, no_encoder_attn), cfg)
+
+
+@register_model("transformer_wskip")
+class WSkipTransformerModel(TransformerModel):
+    """Post-LN Transformer, ``LayerNorm(w_skip * x + f(x))`` on every residual connection."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        parser.add_argument(
+            "--wskip-init", choices=WSKIP_INITS,
+            help="initial w_skip: ones (default; the plain Post-LN Transformer), or admin "
+            "(Admin's profiling initialization on a few training batches before the first update)",
+        )  # fmt: skip
+
+    @classmethod
+    def build_model(cls, args, task):
+        for side in ("encoder", "decoder"):
+            if getattr(args, f"{side}_normalize_before", False):
+                raise SystemExit(
+                    f"fairseq-gradinit: error: --{side}-normalize-before: {args.arch} is a Post-LN "
+                    "Transformer (w_skip weighs the residual inside LayerNorm(w_skip * x + f(x))); "
+                    "use a Pre-LN architecture such as transformer without --wskip-init"
+                )
+        args.wskip_init = getattr(args, "wskip_init", None) or "ones"
+        model = super().build_model(args, task)
+        model.wskip_init = args.wskip_init
+        return model
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        return WSkipTransformerEncoder(args, src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        return WSkipTransformerDecoder(
+            args, tgt_dict, embed_tokens, no_encoder_attn=getattr(args, "no_cross_attention", False)
+        )
+
+
+def wskip_parameter_names(model: nn.Module):
+    """Names (as ``model.named_parameters()`` gives them) of the model's w_skip vectors."""
+    return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1].startswith(WSKIP_PREFIX)]
+
+
+def wskip_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, WSkipLayerMixin)]
+
+
+@register_model_architecture("transformer_wskip", "transformer_wskip")
+def transformer_wskip(args):
+    args.wskip_init = getattr(args, "wskip_init", None) or "ones"
+    base_architecture(args)
+
+
+@register_model_architecture("transformer_wskip", "transformer_wskip_iwslt_de_en")
+def transformer_wskip_iwslt_de_en(args):
+    args.wskip_init = getattr(args, "wskip_init", None) or "ones"
+    transformer_iwslt_de_en(args)

@@ -107,7 +107,10 @@ class GradInitTaskMixin:
             raise SystemExit(0)
 
     def _keep_scales_of_checkpoint(self, update_num):
-        payload = _read_scales_json(self.gradinit_cfg.save_dir)
+        try:
+            payload = _read_scales_json(self.gradinit_cfg.save_dir)
+        except GradInitError as e:
+            fail(e)
         if payload is not None:
             self.state.merge_state_dict({STATE_KEY: payload})
         logger.info(
@@ -420,7 +423,4 @@ def _write_json(path: str, payload: Dict) -> None:
 
 def _read_scales_json(save_dir: str) -> Optional[Dict]:
     path = os.path.join(save_dir, SCALES_JSON)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_scales(path) if os.path.exists(path) else None

@@ -46,6 +46,20 @@ def _count_lines(path: Path) -> int:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def check_aligned(pair, missing_hint: str = "") -> int:
+    """The common line count of two aligned files; DataError naming the file otherwise."""
+    for path in pair:
+        if not Path(path).is_file():
+            raise DataError(f"missing {path}{missing_hint}")
+    n_src, n_tgt = _count_lines(pair[0]), _count_lines(pair[1])
+    if n_src != n_tgt:
+        raise DataError(f"{pair[0]} has {n_src} lines but {pair[1]} has {n_tgt}; "
+                        "aligned files need equal line counts")
+    if n_src == 0:
+        raise DataError(f"{pair[0]} and {pair[1]} are empty")
+    return n_src
+
+
 def find_splits(raw_dir, src: str, tgt: str) -> dict:
     """Check RAW_DIR's files and return {split: (src_path, tgt_path)} for the splits found.
 
@@ -67,15 +81,7 @@ def find_splits(raw_dir, src: str, tgt: str) -> dict:
                 raise DataError(f"missing {names}")
             continue
         pair = (raw_dir / f"{stem}.{src}", raw_dir / f"{stem}.{tgt}")
-        for path in pair:
-            if not path.is_file():
-                raise DataError(f"missing {path}")
-        n_src, n_tgt = _count_lines(pair[0]), _count_lines(pair[1])
-        if n_src != n_tgt:
-            raise DataError(f"{pair[0]} has {n_src} lines but {pair[1]} has {n_tgt}; "
-                            "aligned files need equal line counts")
-        if n_src == 0:
-            raise DataError(f"{pair[0]} and {pair[1]} are empty")
+        check_aligned(pair)
         splits[split] = pair
     return splits
 

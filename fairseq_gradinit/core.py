@@ -226,6 +226,7 @@ def gradinit(
                 t, objective, base, names, scales, s, s_tilde, settings, reduce,
                 gamma=history[-1].gamma if history else settings.gamma,
                 gamma_factor=None if history else settings.gamma_factor,
+                expect_constraint=bool(history) and history[-1].branch == CONSTRAINT,
             )
             scales.grad.clamp_(-settings.grad_clip, settings.grad_clip)
             optimizer.step()
@@ -285,7 +286,10 @@ class _Objective(nn.Module):
                 module._parameters.update(params)
 
 
-def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, gamma, gamma_factor=None):
+def _iteration(
+    t, objective, base, names, scales, s, s_tilde, settings, reduce, gamma, gamma_factor=None,
+    expect_constraint=False,
+):
     theta = dict(base)
     for i, n in enumerate(names):
         theta[n] = scales[i] * base[n]
@@ -296,9 +300,13 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, 
     with _math_attention() if math.isfinite(gamma) else contextlib.nullcontext():
         loss_s = objective.loss(theta, s)
     loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
-    # First order only: the double-backward graph is built in the constraint branch alone.
-    grads = torch.autograd.grad(loss_s, flat, retain_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads)]
+    # The double-backward graph is built only when the constraint branch is expected
+    # (it ran last iteration); otherwise first order, and a second pass if needed.
+    grads = torch.autograd.grad(
+        loss_s, flat, retain_graph=True, create_graph=expect_constraint, allow_unused=True
+    )
+    grads_with_graph = grads if expect_constraint else None
+    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(flat, grads)]
     reduce(grads)
     grad_norm = _check_finite(_norm(grads, settings.norm_order), "gradient norm", t)
 
@@ -306,14 +314,15 @@ def _iteration(t, objective, base, names, scales, s, s_tilde, settings, reduce, 
         gamma = gamma_factor * grad_norm
     if grad_norm > gamma:
         # Constraint branch: a step on the scales that lowers ||g(S; theta_m)||_p.
-        grads = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
-        norm = _norm([g for g in grads if g is not None], settings.norm_order)
+        if grads_with_graph is None:
+            grads_with_graph = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
+        norm = _norm([g for g in grads_with_graph if g is not None], settings.norm_order)
         (scales.grad,) = torch.autograd.grad(norm, scales)
         branch, loss_tilde_value = CONSTRAINT, None
     else:
         # Objective branch: the loss on S~ after one virtual step of the target
         # optimizer, the step direction A[g] held constant (paper, section 3.4).
-        del loss_s  # frees the graph of S before the second forward
+        del loss_s, grads_with_graph  # frees the graph of S before the second forward
         direction = _step_direction(grads, settings.target)
         stepped = {n: p - settings.eta * d for (n, p), d in zip(theta.items(), direction)}
         loss_tilde = objective.loss(stepped, s_tilde)

@@ -119,14 +119,15 @@ def test_adam_target_measures_the_l1_norm_and_sgd_target_the_l2_norm():
     assert sgd.history[0].grad_norm == pytest.approx(l2, rel=1e-5)
 
 
-def _scale_gradient(net, s, s_tilde, settings):
+def _scale_gradient(net, s, s_tilde, settings, expect_constraint=False):
     scaled = select_tensors(net)
     params = dict(net.named_parameters())
     base = {n: p.detach() for n, p in params.items()}
     scales = torch.ones(len(scaled), dtype=torch.float64, requires_grad=True)
     objective = __import__("fairseq_gradinit.core", fromlist=["_Objective"])._Objective(net, ce)
     record = _iteration(
-        1, objective, base, list(scaled), scales, s, s_tilde, settings, lambda t: None, gamma=settings.gamma
+        1, objective, base, list(scaled), scales, s, s_tilde, settings, lambda t: None,
+        gamma=settings.gamma, expect_constraint=expect_constraint,
     )
     return record, scales.grad
 
@@ -142,8 +143,9 @@ def _loss_at(net, scales, batch, names, step=None, eta=0.0):
     return F.cross_entropy(functional_call(net, tensors, (batch[0],)), batch[1])
 
 
+@pytest.mark.parametrize("expected_constraint", [False, True])
 @pytest.mark.parametrize("target", ["adam", "sgd"])
-def test_objective_gradient_holds_the_virtual_step_constant(target):
+def test_objective_gradient_holds_the_virtual_step_constant(target, expected_constraint):
     """Finite differences of L(S~; theta_m - eta*A[g(theta_1)]): A[g] is not differentiated."""
     net = make_net().double()
     s, s_tilde = split_batch(make_data(1)[0])
@@ -151,7 +153,7 @@ def test_objective_gradient_holds_the_virtual_step_constant(target):
     s_tilde = (s_tilde[0].double(), s_tilde[1])
     eta = 0.1
     settings = GradInitSettings(iters=1, eta=eta, target=target)
-    record, grad = _scale_gradient(net, s, s_tilde, settings)
+    record, grad = _scale_gradient(net, s, s_tilde, settings, expect_constraint=expected_constraint)
     assert record.branch == OBJECTIVE
     names = list(select_tensors(net))
     grads = torch.autograd.grad(ce(net, s), list(net.parameters()))
@@ -169,12 +171,13 @@ def test_objective_gradient_holds_the_virtual_step_constant(target):
         assert grad[i].item() == pytest.approx(numeric.item(), rel=1e-4, abs=1e-8), names[i]
 
 
-def test_constraint_gradient_is_the_second_order_gradient_of_the_norm():
+@pytest.mark.parametrize("expected", [False, True], ids=["first-order-first", "graph-built-at-once"])
+def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(expected):
     net = make_net().double()
     s, s_tilde = split_batch(make_data(1)[0])
     s = (s[0].double(), s[1])
     settings = GradInitSettings(iters=1, eta=0.1, target="sgd", gamma=1e-9)
-    record, grad = _scale_gradient(net, s, s_tilde, settings)
+    record, grad = _scale_gradient(net, s, s_tilde, settings, expect_constraint=expected)
     assert record.branch == CONSTRAINT
     names = list(select_tensors(net))
 

@@ -42,7 +42,7 @@ class GradInitConfig(FairseqDataclass):
         metadata={"help": "learn the initialization with GradInit before the first update"},
     )
     gradinit_iters: int = field(
-        default=780, metadata={"help": "GradInit iterations (paper: 780 for IWSLT'14)"}
+        default=780, metadata={"help": "GradInit iterations (the authors' IWSLT'14 setting: 780)"}
     )
     gradinit_optimizer: Optional[ChoiceEnum([ADAM, SGD])] = field(
         default=None,

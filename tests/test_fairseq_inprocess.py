@@ -111,3 +111,12 @@ def test_pre_ln_transformer_gets_sensible_scales(data_bin):
     result = run_gradinit(task, model, criterion, optimizer=object())
     assert "encoder.layer_norm.weight" in result.scales  # Pre-LN's final LayerNorms are scaled too
     assert all(0.01 <= v <= 1.2 for v in result.scales.values())
+
+
+def test_a_training_set_that_gives_no_batches_is_a_clear_error(data_bin):
+    # Every sentence is longer than 1 position, so fairseq's batching filters them all.
+    cfg, task, model, criterion = build(data_bin, "--max-source-positions", "1", "--max-target-positions", "1")
+    initial = copy.deepcopy(model.state_dict())
+    with pytest.raises(GradInitError, match="the training set 'train' gives no batches"):
+        run_gradinit(task, model, criterion, optimizer=object())
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())

@@ -164,16 +164,15 @@ def admin_initialize_for_training(task, model, optimizer) -> Dict[str, float]:
     compute the same w_skip. Profiling runs in fp32 (on a copy of an fp16/bf16 model),
     and the values reach the fp16 optimizer's fp32 master copy too.
     """
-    import copy
     import itertools
     import logging
 
     from . import config as gc
     from .fairseq_batches import sample_pairs
-    from .hook import _apply, _is_fp32
+    from .hook import _apply, fp32_model
 
     cfg = task.gradinit_cfg
-    work = model if _is_fp32(model) else copy.deepcopy(model).float()
+    work = fp32_model(model)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     pairs = sample_pairs(task, work, max_tokens, max_sentences, cfg.gradinit_overlap, cfg.seed)
     batches = [s for s, _ in itertools.islice(pairs, ADMIN_BATCHES)]

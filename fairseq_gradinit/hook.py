@@ -133,8 +133,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         f"split with overlap {cfg.gradinit_overlap}"
     )
 
-    # GradInit computes in fp32 whatever precision training uses.
-    work = model if _is_fp32(model) else copy.deepcopy(model).float()
+    work = fp32_model(model)
     pairs = sample_pairs(
         task, work, max_tokens, max_sentences, cfg.gradinit_overlap, cfg.seed, world, rank
     )
@@ -174,7 +173,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
 
 def _wskip_extra(model, cfg):
     """w_skip vectors (transformer_wskip*) get GradInit scales only with --gradinit-wskip."""
-    if cfg is not None and not getattr(cfg, "gradinit_wskip", False):
+    if not getattr(cfg, "gradinit_wskip", False):
         return []
     return wskip_parameter_names(model)
 
@@ -214,7 +213,7 @@ def unwrap(model):
 def load_scales(path: str, model, optimizer) -> Dict:
     """Apply the scales of a gradinit_scales.json to a fresh model of the same architecture."""
     payload = read_scales(path)
-    wskip = [n for n in _wskip_extra(model, None) if n in payload["scales"]]  # --gradinit-wskip runs
+    wskip = [n for n in wskip_parameter_names(model) if n in payload["scales"]]  # --gradinit-wskip runs
     expected = {n: list(model.get_parameter(n).shape) for n in select_tensors(model, extra_names=wskip)}
     shapes = payload.get("shapes") or {}
     missing = sorted(set(expected) - set(payload["scales"]))
@@ -370,8 +369,12 @@ def _master_views(fp16_params, master):
     return views
 
 
-def _is_fp32(model) -> bool:
-    return all(p.dtype == torch.float32 for p in model.parameters())
+def fp32_model(model):
+    """The model itself if it is fp32, else an fp32 copy: GradInit and Admin's profiling
+    compute in fp32 whatever precision training uses."""
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).float()
 
 
 def _data_parallel():

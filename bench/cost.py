@@ -3,10 +3,12 @@
     .venv/bin/python bench/cost.py                     # Multi30k, both model sizes, CPU
     .venv/bin/python bench/cost.py --data DATA_BIN --models iwslt --device cuda
 
-For each model, three modes run in separate child processes on the same real batches
+For each model, four modes run in separate child processes on the same real batches
 (so that each peak memory is its own): a training step (forward, backward, Adam step,
-dropout on), a GradInit iteration in the objective branch and one in the constraint
-branch (eval mode, the default GradInit batch: 1.5 x --max-tokens split into S and S~).
+dropout on), a GradInit iteration in the objective branch, one in the constraint branch
+(the default finite-difference Hessian-vector product) and one in the constraint branch
+with --gradinit-second-order autograd (eval mode, the default GradInit batch: 1.5 x
+--max-tokens split into S and S~).
 Times are medians over --repeats after --warmup iterations; memory is the child's peak
 (CPU: max RSS of the whole process; GPU: torch.cuda.max_memory_allocated). Everything
 is printed as a ratio to the training step, with the targets from the project's issue.
@@ -23,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from multi30k import prepare_multi30k  # noqa: E402
 
 MODELS = {
     "iwslt": ["--arch", "transformer_iwslt_de_en", "--share-decoder-input-output-embed"],
@@ -34,7 +39,10 @@ MODELS = {
         "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
     ],
 }  # fmt: skip
-TARGETS = {"objective": 1.6, "constraint": 2.5}
+#: constraint: the default finite-difference Hessian-vector product; autograd: the exact
+#: double backward (--gradinit-second-order autograd).
+MODES = ("train", "objective", "constraint", "autograd")
+TARGETS = {"objective": 1.6, "constraint": 2.5, "autograd": 2.5}
 MEMORY_TARGET = 1.3
 PAPER_ITERS, PAPER_UPDATES = 780, 100_000
 
@@ -51,25 +59,12 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
-    data = args.data or prepare_multi30k()
+    data = args.data or str(prepare_multi30k())
     rows = []
     for model in args.models.split(","):
-        results = {mode: run_child(args, data, mode, model) for mode in ("train", "objective", "constraint")}
+        results = {mode: run_child(args, data, mode, model) for mode in MODES}
         rows.append((model, results))
     report(rows, args)
-
-
-def prepare_multi30k() -> str:
-    data_bin = ROOT / "bench" / "work" / "multi30k" / "data-bin"
-    if not (data_bin / "dict.de.txt").exists():
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "examples" / "prepare_data.py")
-        prepare_data = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(prepare_data)
-        raw = ROOT.parent / "shared" / "data" / "multi30k"
-        prepare_data.prepare(raw, data_bin.parent, "de", "en", 8000, workers=2)
-    return str(data_bin)
 
 
 def run_child(args, data, mode, model) -> dict:
@@ -157,7 +152,8 @@ def gradinit_times(model, criterion, pairs, n, mode):
     from fairseq_gradinit.core import GradInitSettings, gradinit
 
     gamma = math.inf if mode == "objective" else 1e-12  # force the branch
-    settings = GradInitSettings(iters=n, eta=5e-4, target="adam", gamma=gamma)
+    second_order = "autograd" if mode == "autograd" else "finite-difference"
+    settings = GradInitSettings(iters=n, eta=5e-4, target="adam", gamma=gamma, second_order=second_order)
     stamps = [_now()]
 
     def loss_fn(m, sample):
@@ -165,7 +161,7 @@ def gradinit_times(model, criterion, pairs, n, mode):
         return loss / sample_size
 
     result = gradinit(model, loss_fn, pairs, settings, on_iteration=lambda r: stamps.append(_now()))
-    assert all(r.branch == mode for r in result.history)
+    assert all(r.branch == ("objective" if mode == "objective" else "constraint") for r in result.history)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -180,8 +176,10 @@ def _now():
 def report(rows, args):
     print(f"\nGradInit cost, {args.device}, --max-tokens {args.max_tokens}, median of {args.repeats} "
           f"after {args.warmup} warm-up (ratios to one training step)\n")  # fmt: skip
-    print("| model | params | train step | objective iter | constraint iter | peak mem: objective | peak mem: constraint | GradInit share of 780 iters + 100k updates |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | train step | objective iter | constraint iter | constraint iter, autograd | "
+          "peak mem: objective | peak mem: constraint | peak mem: constraint, autograd | "
+          "GradInit share of 780 iters + 100k updates |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model, r in rows:
         train = r["train"]
 
@@ -195,8 +193,10 @@ def report(rows, args):
         print(f"| {model} | {train['params'] / 1e6:.1f}M | {train['seconds']:.3f}s, {train['peak_mb']:.0f} MB "
               f"| {ratio('objective', target=TARGETS['objective'])} "
               f"| {ratio('constraint', target=TARGETS['constraint'])} "
+              f"| {ratio('autograd', target=TARGETS['autograd'])} "
               f"| {ratio('objective', 'peak_mb', MEMORY_TARGET)} "
-              f"| {ratio('constraint', 'peak_mb', MEMORY_TARGET)} | {share:.2%} |")  # fmt: skip
+              f"| {ratio('constraint', 'peak_mb', MEMORY_TARGET)} "
+              f"| {ratio('autograd', 'peak_mb', MEMORY_TARGET)} | {share:.2%} |")  # fmt: skip
     print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)}")
 
 

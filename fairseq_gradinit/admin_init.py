@@ -26,12 +26,17 @@ to sublayer k's residual connection (then the pass is cut short), Var[f_k] is po
 the batches, and w_skip_{k+1} follows. That is N forward passes (most of them partial)
 per batch; the result does not depend on the order of the batches.
 """
+import itertools
+import logging
 import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from . import config as gc
+from .fairseq_batches import sample_pairs
 from .models.wskip_transformer import _StopForward, wskip_layers, WSKIP_PREFIX
+from .weights import fp32_model, scale_training_weights
 
 
 class _Moments:
@@ -164,23 +169,16 @@ def admin_initialize_for_training(task, model, optimizer) -> Dict[str, float]:
     compute the same w_skip. Profiling runs in fp32 (on a copy of an fp16/bf16 model),
     and the values reach the fp16 optimizer's fp32 master copy too.
     """
-    import itertools
-    import logging
-
-    from . import config as gc
-    from .fairseq_batches import sample_pairs
-    from .hook import _apply, fp32_model
-
     cfg = task.gradinit_cfg
     work = fp32_model(model)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     pairs = sample_pairs(task, work, max_tokens, max_sentences, cfg.gradinit_overlap, cfg.seed)
     batches = [s for s, _ in itertools.islice(pairs, ADMIN_BATCHES)]
     values = admin_initialize(work, batches)
-    with torch.no_grad():  # _apply multiplies: start from the ones the model was built with
+    with torch.no_grad():  # scaling multiplies: start from the ones the model was built with
         for name in values:
             model.get_parameter(name).fill_(1.0)
-    _apply(model, optimizer, values)
+    scale_training_weights(model, optimizer, values)
     logging.getLogger("fairseq_gradinit").info(
         f"Admin init (--wskip-init admin) on {len(batches)} batches: "
         + ", ".join(f"{n.replace('.' + WSKIP_PREFIX, ':')}={v:.3f}" for n, v in values.items())

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from .core import ADAM, SGD, GradInitError, GradInitSettings
+from .core import ADAM, AUTOGRAD, FINITE_DIFFERENCE, SGD, GradInitError, GradInitSettings
 
 #: fairseq --optimizer names and the first step they take (paper, section 3).
 TARGET_OF_OPTIMIZER = {
@@ -75,6 +75,14 @@ class GradInitConfig(FairseqDataclass):
     gradinit_max_scale: Optional[float] = field(
         default=None, metadata={"help": "upper bound of weight scales; default: none"}
     )
+    gradinit_second_order: ChoiceEnum([FINITE_DIFFERENCE, AUTOGRAD]) = field(
+        default=FINITE_DIFFERENCE,
+        metadata={
+            "help": "how the constraint branch differentiates the gradient norm: a "
+            "Hessian-vector product by finite differences (one more first-order pass), or "
+            "autograd's double backward (exact; about twice the memory)"
+        },
+    )
     gradinit_overlap: float = field(
         default=0.5,
         metadata={"help": "share of S's samples that S~ re-uses, in [0, 1) (paper: 0.5)"},
@@ -121,7 +129,7 @@ class GradInitConfig(FairseqDataclass):
 #: Settings that have a --gradinit-* flag of the same name.
 FLAG_SETTINGS = {
     "iters", "optimizer", "eta", "gamma", "lr", "betas", "grad_clip",
-    "min_scale", "max_scale", "overlap", "max_tokens", "load",
+    "min_scale", "max_scale", "overlap", "max_tokens", "load", "second_order",
 }  # fmt: skip
 
 
@@ -160,6 +168,7 @@ def settings_from_config(cfg) -> GradInitSettings:
         grad_clip=cfg.gradinit_grad_clip,
         min_scale=cfg.gradinit_min_scale,
         max_scale=math.inf if cfg.gradinit_max_scale is None else cfg.gradinit_max_scale,
+        second_order=str(cfg.gradinit_second_order),
     ).validate()
 
 

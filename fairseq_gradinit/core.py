@@ -28,6 +28,11 @@ from .selection import BIAS, select_tensors
 
 ADAM, SGD = "adam", "sgd"
 OBJECTIVE, CONSTRAINT = "objective", "constraint"
+FINITE_DIFFERENCE, AUTOGRAD = "finite-difference", "autograd"
+
+#: Size of the finite-difference step of the constraint branch, relative to the
+#: parameters: the weights move by this fraction of their l2 norm.
+FD_STEP = 1e-4
 
 
 class GradInitError(ValueError):
@@ -55,6 +60,10 @@ class GradInitSettings:
     grad_clip: each scale's gradient is clamped to [-grad_clip, grad_clip].
     min_scale, max_scale: bounds of weight scales (alpha lower bound 0.01 in the paper).
     min_bias_scale: lower bound of bias scales (beta lower bound, 0 in the paper).
+    second_order: how the constraint branch differentiates ||g||_p through g:
+        "finite-difference" (default) takes a Hessian-vector product from one more
+        first-order pass; "autograd" builds the double-backward graph (exact, about
+        twice the memory, and attention runs its slow math kernel).
     """
 
     iters: int = 780
@@ -68,6 +77,7 @@ class GradInitSettings:
     min_scale: float = 0.01
     max_scale: float = math.inf
     min_bias_scale: float = 0.0
+    second_order: str = FINITE_DIFFERENCE
 
     def validate(self) -> "GradInitSettings":
         """Raise ``GradInitError`` naming the first setting that is out of range."""
@@ -83,6 +93,7 @@ class GradInitSettings:
             ("min_scale", _finite_positive(self.min_scale), "a finite number > 0"),
             ("max_scale", self.max_scale >= self.min_scale, f">= the min scale ({self.min_scale})"),
             ("min_bias_scale", 0 <= self.min_bias_scale <= self.max_scale, "in [0, max scale]"),
+            ("second_order", self.second_order in (FINITE_DIFFERENCE, AUTOGRAD), f"'{FINITE_DIFFERENCE}' or '{AUTOGRAD}'"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -294,19 +305,20 @@ def _iteration(
     for i, n in enumerate(names):
         theta[n] = scales[i] * base[n]
     flat = list(theta.values())
+    exact = settings.second_order == AUTOGRAD
 
     # Fused attention kernels have no double backward and the kernel is chosen at
-    # forward time: use the math kernel whenever the constraint branch may follow.
-    with _math_attention() if math.isfinite(gamma) else contextlib.nullcontext():
+    # forward time: use the math kernel whenever the autograd constraint step may follow.
+    with _math_attention() if exact and math.isfinite(gamma) else contextlib.nullcontext():
         loss_s = objective.loss(theta, s)
     loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
     # The double-backward graph is built only when the constraint branch is expected
     # (it ran last iteration); otherwise first order, and a second pass if needed.
     grads = torch.autograd.grad(
-        loss_s, flat, retain_graph=True, create_graph=expect_constraint, allow_unused=True
+        loss_s, flat, retain_graph=exact, create_graph=exact and expect_constraint, allow_unused=True
     )
-    grads_with_graph = grads if expect_constraint else None
-    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(flat, grads)]
+    grads_with_graph = grads if exact and expect_constraint else None
+    grads = _dense([None if g is None else g.detach() for g in grads], flat)
     reduce(grads)
     grad_norm = _check_finite(_norm(grads, settings.norm_order), "gradient norm", t)
 
@@ -314,10 +326,15 @@ def _iteration(
         gamma = gamma_factor * grad_norm
     if grad_norm > gamma:
         # Constraint branch: a step on the scales that lowers ||g(S; theta_m)||_p.
-        if grads_with_graph is None:
-            grads_with_graph = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
-        norm = _norm([g for g in grads_with_graph if g is not None], settings.norm_order)
-        (scales.grad,) = torch.autograd.grad(norm, scales)
+        if exact:
+            if grads_with_graph is None:
+                grads_with_graph = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
+            norm = _norm([g for g in grads_with_graph if g is not None], settings.norm_order)
+            (scales.grad,) = torch.autograd.grad(norm, scales)
+        else:
+            del loss_s
+            hv = _hessian_vector_product(objective, theta, grads, s, settings.norm_order, reduce)
+            scales.grad = torch.stack([(hv[n] * base[n]).sum() for n in names]).to(scales.dtype)
         branch, loss_tilde_value = CONSTRAINT, None
     else:
         # Objective branch: the loss on S~ after one virtual step of the target
@@ -332,6 +349,33 @@ def _iteration(
     reduce([scales.grad])
     nan = math.nan
     return IterationRecord(t, branch, loss_s_value, loss_tilde_value, grad_norm, gamma, nan, nan, nan)
+
+
+def _hessian_vector_product(objective, theta, grads, s, order, reduce) -> Dict[str, torch.Tensor]:
+    """H v for v = d||g||_p / dg, by a forward difference of gradients.
+
+    The gradient of ||g(theta_m)||_p w.r.t. scale i is (H v)_i . base_i (theta_i =
+    m_i base_i, H symmetric), and H v ~ (g(theta + eps v) - g(theta)) / eps: one more
+    first-order pass on S instead of a double backward through it. v is sign(g) for
+    the l1 norm and g / ||g||_2 for l2; eps moves theta by FD_STEP of its l2 norm.
+    """
+    point = {n: p.detach() for n, p in theta.items()}
+    if order == 1:
+        v = [g.sign() for g in grads]
+    else:
+        l2 = _norm(grads, 2)
+        v = [g / l2 for g in grads]
+    eps = FD_STEP * _norm(list(point.values()), 2) / _norm(v, 2).clamp_min(1e-30)
+    shifted = {n: (p + eps * d).requires_grad_() for (n, p), d in zip(point.items(), v)}
+    leaves = list(shifted.values())
+    shifted_grads = _dense(torch.autograd.grad(objective.loss(shifted, s), leaves, allow_unused=True), leaves)
+    reduce(shifted_grads)
+    return {n: (g2 - g) / eps for n, g, g2 in zip(point, grads, shifted_grads)}
+
+
+def _dense(grads, tensors) -> List[torch.Tensor]:
+    """Gradients with zeros for the tensors the loss does not use (autograd gives None)."""
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads)]
 
 
 def _norm(tensors: Sequence[torch.Tensor], order: int) -> torch.Tensor:

@@ -8,11 +8,11 @@ training batches to ``core.gradinit``, then writes the scales into the weights (
 into the fp16 optimizer's fp32 master copy), the task state (so every checkpoint
 carries them) and ``<save-dir>/gradinit_scales.json``.
 """
-import copy
 import json
 import logging
 import math
 import os
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -23,10 +23,11 @@ from omegaconf import OmegaConf
 
 from . import config as gc
 from .admin_init import admin_initialize_for_training, wants_admin
-from .core import GradInitError, GradInitResult, apply_scales, gradinit
+from .core import GradInitError, GradInitResult, gradinit
 from .fairseq_batches import sample_pairs
 from .models import wskip_parameter_names
 from .selection import select_tensors
+from .weights import fp32_model, scale_training_weights
 
 logger = logging.getLogger("fairseq_gradinit")
 
@@ -104,7 +105,7 @@ class GradInitTaskMixin:
             if is_master():
                 save_gradinit_checkpoint(path, self, model, criterion, optimizer)
             logger.info(f"--gradinit-only: wrote {path}; stopping before the first update")
-            raise SystemExit(0)
+            _exit_now()
 
     def _keep_scales_of_checkpoint(self, update_num):
         try:
@@ -157,7 +158,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         all_reduce_mean=_all_reduce_mean if world > 1 else None,
     )  # fmt: skip
 
-    _apply(model, optimizer, result.scales)
+    scale_training_weights(model, optimizer, result.scales)
     if world > 1:
         _check_workers_agree(model, result.scales, world)
     last = result.history[-1]
@@ -203,6 +204,20 @@ def fail(error) -> None:
     raise SystemExit(f"fairseq-gradinit: error: {message}")
 
 
+def _exit_now() -> None:
+    """End the process at once, with exit code 0, from inside fairseq's training loop.
+
+    A SystemExit here would shut the interpreter down while fairseq's batch prefetch
+    thread (a daemon thread of BufferedIterator) may be inside torch's C++ code, which
+    then aborts the process ("terminate called without an active exception", exit -6;
+    seen in CI). Nothing is left to clean up: the checkpoint and JSON are written.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def unwrap(model):
     """The model inside data-parallel wrappers (fairseq's and torch's)."""
     while isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -226,7 +241,7 @@ def load_scales(path: str, model, optimizer) -> Dict:
             if names
         )
         raise GradInitError(f"{path} does not fit this model ({details})", "load")
-    _apply(model, optimizer, payload["scales"])
+    scale_training_weights(model, optimizer, payload["scales"])
     logger.info(f"GradInit: applied {len(payload['scales'])} scales from {path}")
     return payload
 
@@ -330,51 +345,6 @@ def _gamma_text(settings) -> str:
     if settings.gamma_factor is not None:
         return f"{settings.gamma_factor:g} x the first iteration's norm"
     return f"{settings.gamma:g}"
-
-
-def _apply(model, optimizer, scales: Dict[str, float]) -> None:
-    """Scale the model, and the fp32 master copy that fp16 optimizers step from."""
-    params = dict(model.named_parameters())
-    fp16_params = getattr(optimizer, "fp16_params", None)
-    master = getattr(optimizer, "fp32_params", None)
-    if fp16_params is None or master is None:
-        apply_scales(model, scales)
-        return
-    scale_of = {id(params[n]): s for n, s in scales.items()}
-    with torch.no_grad():
-        for p, p32 in zip(fp16_params, _master_views(fp16_params, master)):
-            if id(p) in scale_of:
-                p32.mul_(torch.tensor(scale_of[id(p)], dtype=torch.float32))
-                p.copy_(p32.view_as(p))
-
-
-def _master_views(fp16_params, master):
-    """The fp32 master tensor of each fp16 parameter, as fairseq's FP16Optimizer lays it out.
-
-    Flat masters are one tensor per device, keyed by CUDA device index (one key unless
-    pipeline-parallel), holding the parameters back to back in ``fp16_params`` order.
-    """
-    if isinstance(master, (list, tuple)):
-        return [p32.data for p32 in master]
-    if torch.is_tensor(master):
-        master = {None: master}
-    single = len(master) == 1
-    offsets = dict.fromkeys(master, 0)
-    views = []
-    for p in fp16_params:
-        key = next(iter(master)) if single else p.device.index
-        offset = offsets[key]
-        views.append(master[key].data[offset : offset + p.numel()])
-        offsets[key] = offset + p.numel()
-    return views
-
-
-def fp32_model(model):
-    """The model itself if it is fp32, else an fp32 copy: GradInit and Admin's profiling
-    compute in fp32 whatever precision training uses."""
-    if all(p.dtype == torch.float32 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).float()
 
 
 def _data_parallel():

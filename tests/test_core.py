@@ -171,12 +171,17 @@ def test_objective_gradient_holds_the_virtual_step_constant(target, expected_con
         assert grad[i].item() == pytest.approx(numeric.item(), rel=1e-4, abs=1e-8), names[i]
 
 
-@pytest.mark.parametrize("expected", [False, True], ids=["first-order-first", "graph-built-at-once"])
-def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(expected):
+@pytest.mark.parametrize(
+    "second_order, expected, rel",
+    [("autograd", False, 1e-4), ("autograd", True, 1e-4), ("finite-difference", False, 1e-2)],
+    ids=["autograd-first-order-first", "autograd-graph-built-at-once", "finite-difference"],
+)
+@pytest.mark.parametrize("target", ["sgd", "adam"])
+def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(target, second_order, expected, rel):
     net = make_net().double()
     s, s_tilde = split_batch(make_data(1)[0])
     s = (s[0].double(), s[1])
-    settings = GradInitSettings(iters=1, eta=0.1, target="sgd", gamma=1e-9)
+    settings = GradInitSettings(iters=1, eta=0.1, target=target, gamma=1e-9, second_order=second_order)
     record, grad = _scale_gradient(net, s, s_tilde, settings, expect_constraint=expected)
     assert record.branch == CONSTRAINT
     names = list(select_tensors(net))
@@ -190,15 +195,22 @@ def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(expected):
             scaled[n] = scales[i] * tensors[n]
         loss = F.cross_entropy(functional_call(net, scaled, (s[0],)), s[1])
         g = torch.autograd.grad(loss, list(scaled.values()))
+        if target == "adam":
+            return sum(x.abs().sum() for x in g)
         return torch.sqrt(sum(x.pow(2).sum() for x in g))
 
     h = 1e-6
+    numeric = torch.zeros(len(names), dtype=torch.float64)
     for i in range(len(names)):
         up, down = torch.ones(len(names), dtype=torch.float64), torch.ones(len(names), dtype=torch.float64)
         up[i] += h
         down[i] -= h
-        numeric = (norm_at(up) - norm_at(down)) / (2 * h)
-        assert grad[i].item() == pytest.approx(numeric.item(), rel=1e-4, abs=1e-8), names[i]
+        numeric[i] = (norm_at(up) - norm_at(down)) / (2 * h)
+    # The l1 norm has kinks where a gradient entry changes sign; a numeric derivative
+    # across one is meaningless, so compare per scale at a tolerance relative to the largest.
+    tolerance = rel * numeric.abs().max().item()
+    for i, name in enumerate(names):
+        assert abs(grad[i].item() - numeric[i].item()) <= tolerance + rel * abs(numeric[i].item()), name
 
 
 def test_scales_never_leave_their_bounds():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fairseq_gradinit.hook import _apply
+from fairseq_gradinit.weights import scale_training_weights
 
 
 def _fp16_model():
@@ -27,7 +27,7 @@ def test_fp16_master_weights_are_scaled_and_the_model_copies_them(flat):
     initial32 = [p.detach().float().clone() for p in params]
     optimizer = types.SimpleNamespace(fp16_params=params, fp32_params=master)
     scales = {"0.weight": 0.5, "1.weight": 0.3, "2.bias": 2.0}
-    _apply(model, optimizer, scales)
+    scale_training_weights(model, optimizer, scales)
 
     views = master[0].data.split([p.numel() for p in params]) if flat else [m.data for m in master]
     for (name, p), p32, init in zip(model.named_parameters(), views, initial32):
@@ -39,5 +39,5 @@ def test_fp16_master_weights_are_scaled_and_the_model_copies_them(flat):
 def test_without_a_master_copy_the_model_itself_is_scaled():
     model = nn.Linear(3, 3)
     before = model.weight.detach().clone()
-    _apply(model, types.SimpleNamespace(), {"weight": 0.25})
+    scale_training_weights(model, types.SimpleNamespace(), {"weight": 0.25})
     assert torch.equal(model.weight, before * 0.25)

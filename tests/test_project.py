@@ -31,3 +31,14 @@ def test_core_and_selection_import_only_torch():
         source = (ROOT / "fairseq_gradinit" / name).read_text()
         imports = re.findall(r"^\s*(?:from|import) ([\w.]+)", source, re.M)
         assert not [m for m in imports if m.split(".")[0] in ("fairseq", "omegaconf", "hydra")], name
+
+
+def test_readme_flag_table_lists_every_gradinit_flag():
+    from dataclasses import fields
+
+    from fairseq_gradinit.config import GradInitConfig
+
+    readme = (ROOT / "README.md").read_text()
+    flags = ["--" + f.name.replace("_", "-") for f in fields(GradInitConfig) if f.name.startswith("gradinit")]
+    missing = [flag for flag in flags if f"`{flag}" not in readme]
+    assert not missing, f"README's flag table does not document {missing}"

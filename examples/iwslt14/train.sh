@@ -15,18 +15,19 @@
 # Paper settings: linear decay from max lr to 0 over 100k updates (--max-update N changes
 # both the run length and the decay horizon), max-tokens 4096, dropout 0.3, label smoothing
 # 0.1, weight decay 1e-4, Adam betas (0.9, --beta2 = 0.98), lr 5e-4 (Adam) / 0.15 (SGD),
-# shared decoder input/output embeddings. GradInit: plugin defaults (780 iterations,
-# eta = lr, scale lr 2.5e-3).
+# shared decoder input/output embeddings. GradInit: 780 iterations, scale lr 2.5e-3 and,
+# for the Adam methods, eta = 2 x lr (the authors' release; eta = lr for SGD).
 #
 # --small: a CPU-sized configuration for smoke tests on any prepared data: narrow 6+6
-# Post-LN (256 wide, 4 heads, FFN 1024), 300 updates, 50 GradInit iterations, warmup 30
+# Post-LN (256 wide, 4 heads, FFN 1024), 300 updates, 80 GradInit iterations at scale lr
+# 1.5e-2 (bench/stability.py: enough to move the scales in a short run), warmup 30
 # for vanilla-warmup; validation every 100 updates.
 # --cpu: run on CPU. Flags after the known ones go to fairseq-train last (they win).
 # The whole log is written to SAVE_DIR/train.log, the settings to SAVE_DIR/run.json.
 set -euo pipefail
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
     exit 2
 }
 [ $# -ge 3 ] || usage
@@ -73,7 +74,7 @@ if [ $small = 1 ]; then
            --encoder-embed-dim 256 --decoder-embed-dim 256
            --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
            --encoder-attention-heads 4 --decoder-attention-heads 4)
-    gi_iters=(--gradinit-iters 50)
+    gi_iters=(--gradinit-iters 80 --gradinit-lr 1.5e-2)
     warmup=30
     interval=(--log-interval 10 --validate-interval-updates 100 --save-interval-updates 100
               --keep-interval-updates 1)
@@ -89,17 +90,19 @@ max_update=${max_update:-$default_updates}
 optim=(--optimizer adam --adam-betas "(0.9,$beta2)")
 lr_given=$lr
 [ -n "$lr" ] || lr=5e-4
+# GradInit's virtual Adam step: 2 x lr, the authors' IWSLT'14 release (eta 1e-3, lr 5e-4).
+eta2=$(awk "BEGIN { print 2 * $lr }")
 linear=(--lr-scheduler polynomial_decay --power 1 --warmup-updates 0
         --total-num-update "$max_update")
 case $method in
     vanilla-warmup) sched=(--lr-scheduler inverse_sqrt --warmup-updates "$warmup" --warmup-init-lr 1e-7); gi=() ;;
     vanilla)        sched=("${linear[@]}"); gi=() ;;
-    gradinit-adam)  sched=("${linear[@]}"); gi=(--gradinit "${gi_iters[@]}") ;;
+    gradinit-adam)  sched=("${linear[@]}"); gi=(--gradinit "${gi_iters[@]}" --gradinit-eta "$eta2") ;;
     gradinit-sgd)
         [ -n "$lr_given" ] || lr=0.15
         optim=(--optimizer sgd --momentum 0.9)
         sched=("${linear[@]}"); gi=(--gradinit "${gi_iters[@]}") ;;
-    gradinit-wskip) sched=("${linear[@]}"); gi=(--gradinit "${gi_iters[@]}") ;;
+    gradinit-wskip) sched=("${linear[@]}"); gi=(--gradinit "${gi_iters[@]}" --gradinit-eta "$eta2") ;;
     admin)          sched=("${linear[@]}"); gi=(--wskip-init admin) ;;
 esac
 

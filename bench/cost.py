@@ -7,8 +7,8 @@ For each model, four modes run in separate child processes on the same real batc
 (so that each peak memory is its own): a training step (forward, backward, Adam step,
 dropout on), a GradInit iteration in the objective branch, one in the constraint branch
 (the default finite-difference Hessian-vector product) and one in the constraint branch
-with --gradinit-second-order autograd (eval mode, the default GradInit batch: 1.5 x
---max-tokens split into S and S~).
+with --gradinit-second-order autograd (eval mode, the default GradInit batch: one
+training batch of --max-tokens split into S and S~, 2/3 of it each).
 Times are medians over --repeats after --warmup iterations; memory is the child's peak
 (CPU: max RSS of the whole process; GPU: torch.cuda.max_memory_allocated). Everything
 is printed as a ratio to the training step, with the targets from the project's issue.
@@ -37,6 +37,13 @@ MODELS = {
         "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
         "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
         "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    ],
+    # for the bench's own test: every mode in seconds
+    "tiny": [
+        "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+        "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+        "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
     ],
 }  # fmt: skip
 #: constraint: the default finite-difference Hessian-vector product; autograd: the exact
@@ -105,6 +112,7 @@ def build(args, model_name):
     from fairseq import options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+    from fairseq_gradinit.config import gradinit_max_tokens
     from fairseq_gradinit.fairseq_batches import sample_pairs
 
     argv = [args.data, *MODELS[model_name], "--optimizer", "adam", "--lr", "5e-4",
@@ -122,7 +130,8 @@ def build(args, model_name):
         max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
     ).next_epoch_itr(shuffle=True)  # fmt: skip
     train_batches = [next(itr) for _ in range(n)]
-    pairs = sample_pairs(task, model, int(1.5 * args.max_tokens), None, 0.5, seed=1)
+    max_tokens, max_sentences = gradinit_max_tokens(cfg.task)  # the plugin's default GradInit batch
+    pairs = sample_pairs(task, model, max_tokens, max_sentences, 0.5, seed=1)
     gradinit_batches = [next(pairs) for _ in range(n)]
     if args.device == "cuda":
         train_batches = [utils.move_to_cuda(b) for b in train_batches]

@@ -41,7 +41,7 @@ METHODS = ("vanilla", "warmup", "gradinit", "preln")
 
 #: Model and schedule of each scale. "cpu" is issue 7's setting (6+6 layers, 256 wide, 4
 #: heads, FFN 1024, dropout 0.1); "iwslt" is the paper's model and regularization.
-#: GradInit: eta = 2 x lr as in the authors' IWSLT release (eta 1e-3 for lr 5e-4); for
+#: GradInit: the plugin's defaults (eta = lr, gamma 1.25 x the first l1 norm), and for
 #: the short CPU run 80 iterations at tau 1.5e-2 (README "Short GradInit runs").
 SCALES = {
     "cpu": dict(
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--interval", type=int, help="log and validate every N updates")
     p.add_argument("--gradinit-iters", type=int)
     p.add_argument("--gradinit-lr", type=float)
-    p.add_argument("--gradinit-eta", type=float, help="virtual step of GradInit (default 2 x lr)")
+    p.add_argument("--gradinit-eta", type=float, help="virtual step of GradInit (default: the plugin's, = lr)")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--model-args", help="fairseq model flags replacing the scale's (a Post-LN arch; "
                    "preln adds --encoder/decoder-normalize-before)")
@@ -85,8 +85,6 @@ def main(argv=None):
     for key, value in SCALES[a.scale].items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
-    if a.gradinit_eta is None:
-        a.gradinit_eta = 2 * a.lr
     methods = a.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -124,8 +122,9 @@ def fairseq_command(method, seed, data, save_dir, a):
            "--validate-interval-updates", str(a.interval), "--validate-interval", "1000000",
            "--save-interval", "1000000", "--no-epoch-checkpoints", "--save-dir", str(save_dir)]  # fmt: skip
     if method == "gradinit":
-        cmd += ["--gradinit", "--gradinit-iters", str(a.gradinit_iters), "--gradinit-lr", str(a.gradinit_lr),
-                "--gradinit-eta", str(a.gradinit_eta)]
+        cmd += ["--gradinit", "--gradinit-iters", str(a.gradinit_iters), "--gradinit-lr", str(a.gradinit_lr)]
+        if a.gradinit_eta is not None:
+            cmd += ["--gradinit-eta", str(a.gradinit_eta)]
     if a.cpu:
         cmd.append("--cpu")
     return cmd
@@ -208,7 +207,7 @@ def write_outputs(results, out: Path, a) -> str:
     lines = [f"Post-LN without warmup on `{a.data or 'Multi30k'}`, scale `{a.scale}`: lr {a.lr} decayed "
              f"linearly to 0 over {a.updates} updates, max-tokens {a.max_tokens}, "
              f"seeds 1..{a.seeds}; 'warmup' warms up over {a.warmup} updates; GradInit "
-             f"{a.gradinit_iters} iterations, tau {a.gradinit_lr}, eta {a.gradinit_eta}.", "",
+             f"{a.gradinit_iters} iterations, tau {a.gradinit_lr}, eta {a.gradinit_eta or a.lr}.", "",
              "Validation loss (label-smoothed cross-entropy, base 2; mean +- std over seeds)", "",
              "| method | " + " | ".join(f"@{u}" for u in steps) + " | BLEU | minutes |",
              "|---|" + "---|" * (len(steps) + 2)]  # fmt: skip

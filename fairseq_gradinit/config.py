@@ -90,8 +90,8 @@ class GradInitConfig(FairseqDataclass):
     gradinit_max_tokens: Optional[int] = field(
         default=None,
         metadata={
-            "help": "tokens per GradInit batch, split into S and S~; "
-            "default: 1.5 x --max-tokens, so S is about one training batch"
+            "help": "tokens per GradInit batch, split into S and S~ (2/3 of it each); "
+            "default: --max-tokens"
         },
     )
     gradinit_load: Optional[str] = field(
@@ -175,15 +175,18 @@ def settings_from_config(cfg) -> GradInitSettings:
 def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
     """(max tokens, max sentences) of one GradInit batch, before its split into S and S~.
 
-    Each is 1.5 x its training counterpart, so that S (2/3 of the batch) is about one
-    training batch; --gradinit-max-tokens replaces the token limit.
+    By default one training batch, as in the paper ("GradInit fits with the same batch
+    size as model training", 4.1.1): S and S~ are 2/3 of it each, so an objective
+    iteration costs about 4/3 of a training batch's forward and backward passes.
+    Measured on Multi30k, this learned scales as good as 1.5 x the batch did, in 40%
+    less time (README "Defaults"). --gradinit-max-tokens replaces the token limit.
     """
     if cfg.gradinit_max_tokens is not None and cfg.gradinit_max_tokens < 2:
         raise GradInitError(f"must be >= 2 (got {cfg.gradinit_max_tokens})", "max_tokens")
     tokens = cfg.gradinit_max_tokens
     if tokens is None and cfg.max_tokens is not None:
-        tokens = int(1.5 * cfg.max_tokens)
-    sentences = None if cfg.batch_size is None else int(math.ceil(1.5 * cfg.batch_size))
+        tokens = cfg.max_tokens
+    sentences = cfg.batch_size
     if tokens is None and sentences is None:
         raise GradInitError("neither --max-tokens nor --batch-size is set", "max_tokens")
     return tokens, sentences

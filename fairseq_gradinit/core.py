@@ -56,7 +56,7 @@ class GradInitSettings:
     gamma_factor: if set, gamma is this multiple of the gradient norm at the first
         iteration instead (a bound that scales with the model; ``gamma`` is ignored).
     lr: Adam learning rate of the scales (tau).
-    betas: Adam betas of the scales.
+    betas: Adam betas of the scales. Each branch keeps its own Adam moments.
     grad_clip: each scale's gradient is clamped to [-grad_clip, grad_clip].
     min_scale, max_scale: bounds of weight scales (alpha lower bound 0.01 in the paper).
     min_bias_scale: lower bound of bias scales (beta lower bound, 0 in the paper).
@@ -215,7 +215,13 @@ def gradinit(
         torch.tensor(float(settings.min_scale), device=device),
     )
     upper = torch.full_like(lower, float(settings.max_scale))
-    optimizer = torch.optim.Adam([scales], lr=settings.lr, betas=settings.betas)
+    # One Adam state per branch, as in the authors' release: the gradient of ||g||_p is
+    # orders of magnitude larger than that of the loss, and one constraint step in a
+    # shared second moment would shrink the objective steps for dozens of iterations.
+    optimizers = {
+        branch: torch.optim.Adam([scales], lr=settings.lr, betas=settings.betas)
+        for branch in (OBJECTIVE, CONSTRAINT)
+    }
     objective = _Objective(model, loss_fn)
     reduce = all_reduce_mean or (lambda tensors: None)
 
@@ -240,8 +246,8 @@ def gradinit(
                 expect_constraint=bool(history) and history[-1].branch == CONSTRAINT,
             )
             scales.grad.clamp_(-settings.grad_clip, settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizers[record.branch].step()
+            scales.grad = None
             with torch.no_grad():
                 scales.copy_(torch.maximum(torch.minimum(scales, upper), lower))
                 record.scale_min = scales.min().item()

@@ -60,6 +60,20 @@ def sample_pairs(
             batches += 1
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
-            yield split_sample(sample, overlap, pad)
+            try:
+                parts = split_sample(sample, overlap, pad)
+            except GradInitError as e:
+                raise GradInitError(f"{e}. {_limits(max_tokens, max_sentences)}", e.setting) from None
+            yield parts
         if batches == 0:
             raise GradInitError(f"the training set '{task.gradinit_cfg.train_subset}' gives no batches")
+
+
+def _limits(max_tokens: Optional[int], max_sentences: Optional[int]) -> str:
+    """Which flags set the size of a GradInit batch, for an error message."""
+    limits = []
+    if max_tokens is not None:
+        limits.append(f"{max_tokens} tokens (--gradinit-max-tokens, default --max-tokens)")
+    if max_sentences is not None:
+        limits.append(f"{max_sentences} sentences (--batch-size)")
+    return "GradInit batches hold at most " + " and ".join(limits) + "; S and S~ need 2 sentences each, 1 of them shared, so allow at least 3 sentences"

@@ -107,6 +107,32 @@ def test_gamma_factor_bounds_the_norm_relative_to_the_first_iteration():
     assert all(r.gamma == first.gamma for r in tight.history)
 
 
+def test_first_objective_step_after_constraint_steps_is_a_full_adam_step(monkeypatch):
+    # Each branch keeps its own Adam moments (the authors' release): the large gradients
+    # of the norm must not shrink the steps that lower the loss.
+    net = make_net()
+    data = make_data(60)
+    initial = gradinit(copy.deepcopy(net), ce, pairs(data), GradInitSettings(iters=1, eta=0.05)).history[0].grad_norm
+    steps, original_step = [], torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        scales = self.param_groups[0]["params"][0]
+        before = scales.detach().clone()
+        out = original_step(self, *args, **kwargs)
+        steps.append((id(self), (scales.detach() - before).abs()))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    settings = GradInitSettings(iters=60, eta=0.05, gamma=initial / 2, lr=2e-2)
+    result = gradinit(net, ce, pairs(data), settings)
+    branches = [r.branch for r in result.history]
+    k = branches.index(OBJECTIVE)
+    assert k > 0 and CONSTRAINT in branches[:k]
+    assert steps[k][0] != steps[0][0]  # another optimizer state than the constraint steps'
+    moved = steps[k][1][steps[k][1] > 0]
+    assert len(moved) > 0 and torch.allclose(moved, torch.full_like(moved, 2e-2), rtol=1e-3)
+
+
 def test_adam_target_measures_the_l1_norm_and_sgd_target_the_l2_norm():
     data = make_data(1)
     net = make_net()

@@ -39,7 +39,7 @@ def test_users_literal_command_runs_gradinit_then_trains(runs):
     payload = read_json(root / "default" / "gradinit_scales.json")
     assert payload["iterations"] == 20
     assert payload["settings"]["target"] == "adam" and payload["settings"]["eta"] == 5e-4
-    assert payload["settings"]["max_tokens"] == 6144  # 1.5 x --max-tokens
+    assert payload["settings"]["max_tokens"] == 4096  # --max-tokens
     assert "encoder.layers.0.fc1.weight" in payload["scales"]
     # Shared decoder input/output embedding: one scale, under its first name.
     assert "decoder.embed_tokens.weight" in payload["scales"]
@@ -298,9 +298,11 @@ def test_share_all_embeddings_gets_one_scale_and_trains_after_gradinit(data_bin,
 
 
 def test_one_sentence_per_batch_is_too_small_to_split_and_says_so(data_bin, tmp_path):
-    proc = train(data_bin, tmp_path / "ck", "--batch-size", "1")  # GradInit batches: 2 sentences
+    proc = train(data_bin, tmp_path / "ck", "--batch-size", "1")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--gradinit-max-tokens: a batch of 2 samples is too small to split" in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "a batch of 1 samples is too small to split" in message
+    assert "1 sentences (--batch-size)" in message and "at least 3 sentences" in message
 
 
 def test_stopping_during_gradinit_leaves_no_checkpoint_or_scales(data_bin, tmp_path):

@@ -15,6 +15,7 @@ Example (a plain PyTorch model)::
     apply_scales(net, result.scales)
 """
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -147,15 +148,27 @@ def overlap_slices(n: int, overlap: float = 0.5) -> Tuple[slice, slice]:
     """Index ranges of S and S~ in a batch of ``n`` samples (see ``split_batch``)."""
     if not 0 <= overlap < 1:
         raise GradInitError(f"overlap must be in [0, 1) (got {overlap!r})", "overlap")
-    k = int(round(n / (2 - overlap)))
-    shared = 2 * k - n
-    if k < 1 or k >= n or (overlap > 0 and shared < 1):
+    k = _part_size(n, overlap)
+    if k is None:
         raise GradInitError(
             f"a batch of {n} samples is too small to split into S and S~ sharing "
-            f"{overlap:.0%} of their samples; use a larger GradInit batch",
+            f"{overlap:.0%} of their samples (it needs {min_split_size(overlap)}); "
+            "use a larger GradInit batch",
             "max_tokens",
         )
     return slice(0, k), slice(n - k, n)
+
+
+def min_split_size(overlap: float = 0.5) -> int:
+    """The fewest samples a batch needs for ``split_batch`` (3 for the paper's 0.5)."""
+    return next(n for n in itertools.count(2) if _part_size(n, overlap) is not None)
+
+
+def _part_size(n: int, overlap: float) -> Optional[int]:
+    """Samples in S (and in S~) for a batch of ``n``; None if it cannot be split."""
+    k = int(round(n / (2 - overlap)))
+    shared = 2 * k - n
+    return k if 1 <= k < n and (overlap == 0 or shared >= 1) else None
 
 
 def gradinit(

@@ -4,7 +4,7 @@ from typing import Iterator, Optional, Tuple
 
 from fairseq import utils
 
-from .core import GradInitError, split_batch
+from .core import GradInitError, min_split_size, split_batch
 
 
 def split_sample(sample: dict, overlap: float, pad: int) -> Tuple[dict, dict]:
@@ -63,17 +63,20 @@ def sample_pairs(
             try:
                 parts = split_sample(sample, overlap, pad)
             except GradInitError as e:
-                raise GradInitError(f"{e}. {_limits(max_tokens, max_sentences)}", e.setting) from None
+                raise GradInitError(f"{e}. {_limits(max_tokens, max_sentences, overlap)}", e.setting) from None
             yield parts
         if batches == 0:
             raise GradInitError(f"the training set '{task.gradinit_cfg.train_subset}' gives no batches")
 
 
-def _limits(max_tokens: Optional[int], max_sentences: Optional[int]) -> str:
-    """Which flags set the size of a GradInit batch, for an error message."""
+def _limits(max_tokens: Optional[int], max_sentences: Optional[int], overlap: float) -> str:
+    """Which flags set the size of a GradInit batch, and the least it must hold, for an error message."""
     limits = []
     if max_tokens is not None:
         limits.append(f"{max_tokens} tokens (--gradinit-max-tokens, default --max-tokens)")
     if max_sentences is not None:
         limits.append(f"{max_sentences} sentences (--batch-size)")
-    return "GradInit batches hold at most " + " and ".join(limits) + "; S and S~ need 2 sentences each, 1 of them shared, so allow at least 3 sentences"
+    return (
+        "GradInit batches hold at most " + " and ".join(limits) + f"; S and S~ sharing {overlap:.0%} "
+        f"of their sentences (--gradinit-overlap) need at least {min_split_size(overlap)} sentences"
+    )

@@ -15,6 +15,7 @@ from fairseq_gradinit.core import (
     _iteration,
     apply_scales,
     gradinit,
+    min_split_size,
     overlap_slices,
     split_batch,
 )
@@ -63,6 +64,14 @@ def test_a_batch_too_small_to_split_is_an_error_naming_the_batch_size(n):
     with pytest.raises(GradInitError, match="too small to split") as e:
         overlap_slices(n, 0.5)
     assert e.value.setting == "max_tokens"
+
+
+@pytest.mark.parametrize("overlap, smallest", [(0.0, 2), (0.5, 3), (0.9, 6)])
+def test_min_split_size_is_the_smallest_batch_that_splits(overlap, smallest):
+    assert min_split_size(overlap) == smallest
+    overlap_slices(smallest, overlap)
+    with pytest.raises(GradInitError, match=f"it needs {smallest}"):
+        overlap_slices(smallest - 1, overlap)
 
 
 @pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])

@@ -316,7 +316,11 @@ def test_stopping_during_gradinit_leaves_no_checkpoint_or_scales(data_bin, tmp_p
             break
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    try:
+        proc.communicate(timeout=120)
+    finally:  # an interrupt that was not honoured must not leave GradInit running
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode != 0
     leftovers = sorted(p.name for p in save_dir.iterdir()) if save_dir.exists() else []
     assert not [n for n in leftovers if n.endswith(".pt") or n.endswith(".json")], leftovers

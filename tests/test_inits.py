@@ -220,3 +220,10 @@ def test_docstring_examples_of_the_init_modules_hold():
     for module in (admin_analytic_init, deepnet_init, tfixup_init):
         failed, attempted = doctest.testmod(module)
         assert attempted and not failed, module.__name__
+
+
+def test_fairseq_train_deepnet_with_gradinit_wskip_fails_in_one_line(data_bin, tmp_path):
+    r = train(data_bin, str(tmp_path / "x"), "--arch", WSKIP, "--wskip-init", "deepnet", "--gradinit-wskip")
+    assert r.returncode != 0
+    assert "--gradinit-wskip: the w_skip of this model are constants" in r.stderr
+    assert "Traceback" not in r.stderr

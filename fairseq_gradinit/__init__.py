@@ -14,4 +14,4 @@ if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([argparse.Namespace])
 
 from . import task  # noqa: E402,F401  (registers the tasks)
-from . import models  # noqa: E402,F401  (registers transformer_wskip*, transformer_tfixup*)
+from . import models  # noqa: E402,F401  (registers transformer_wskip*; issue 3)

@@ -176,7 +176,14 @@ def _wskip_extra(model, cfg):
     """w_skip vectors (transformer_wskip*) get GradInit scales only with --gradinit-wskip."""
     if not getattr(cfg, "gradinit_wskip", False):
         return []
-    return wskip_parameter_names(model)
+    names = wskip_parameter_names(model)
+    if names and not any(model.get_parameter(n).requires_grad for n in names):
+        raise GradInitError(
+            "--gradinit-wskip: the w_skip of this model are constants (--wskip-init "
+            f"{getattr(model, 'wskip_init', '?')}: DeepNet's fixed alpha), so GradInit has no "
+            "w_skip to scale; drop --gradinit-wskip"
+        )
+    return names
 
 
 def check_lr_scheduler(cfg) -> None:

@@ -26,7 +26,7 @@ from .admin_init import admin_initialize_for_training, wants_admin
 from .core import GradInitError, GradInitResult, gradinit
 from .fairseq_batches import sample_pairs
 from .models import wskip_parameter_names
-from .selection import select_tensors
+from .selection import select_tensors, unscaled_modules
 from .weights import fp32_model, scale_training_weights
 
 logger = logging.getLogger("fairseq_gradinit")
@@ -124,6 +124,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
     cfg = task.gradinit_cfg
     scaled = select_tensors(model, extra_names=_wskip_extra(model, cfg))
+    _warn_unscaled(model, scaled)
     settings = gc.settings_from_config(cfg)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     rank, world = _data_parallel()
@@ -177,6 +178,14 @@ def _wskip_extra(model, cfg):
     if not getattr(cfg, "gradinit_wskip", False):
         return []
     return wskip_parameter_names(model)
+
+
+def _warn_unscaled(model, scaled) -> None:
+    """One warning line naming the layers with trainable weights that get no scale
+    (w_skip vectors are left out on purpose unless --gradinit-wskip)."""
+    missed = unscaled_modules(model, scaled, ignore=wskip_parameter_names(model))
+    if missed:
+        logger.warning(f"GradInit: no scale for {len(missed)} modules with trainable weights: {'; '.join(missed)}")
 
 
 def check_lr_scheduler(cfg) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from .core import ADAM, AUTOGRAD, FINITE_DIFFERENCE, SGD, GradInitError, GradInitSettings
+from .core import ADAM, AUTOGRAD, HVP, SGD, GradInitError, GradInitSettings
 
 #: fairseq --optimizer names and the first step they take (paper, section 3).
 TARGET_OF_OPTIMIZER = {
@@ -60,6 +60,15 @@ class GradInitConfig(FairseqDataclass):
             "iteration (see README 'Defaults')"
         },
     )
+    gradinit_gamma_factor: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "bound the gradient norm by this multiple of its value at the first "
+            "iteration instead of an absolute --gradinit-gamma (not both); 0.04 is the "
+            "authors' IWSLT'14 operating point (gamma 1000 for an initial l1 norm of "
+            "about 2.5e4)"
+        },
+    )
     gradinit_lr: float = field(
         default=2.5e-3, metadata={"help": "Adam learning rate of the scales (tau)"}
     )
@@ -75,13 +84,18 @@ class GradInitConfig(FairseqDataclass):
     gradinit_max_scale: Optional[float] = field(
         default=None, metadata={"help": "upper bound of weight scales; default: none"}
     )
-    gradinit_second_order: ChoiceEnum([FINITE_DIFFERENCE, AUTOGRAD]) = field(
-        default=FINITE_DIFFERENCE,
+    gradinit_second_order: ChoiceEnum([HVP, AUTOGRAD]) = field(
+        default=HVP,
         metadata={
-            "help": "how the constraint branch differentiates the gradient norm: a "
-            "Hessian-vector product by finite differences (one more first-order pass), or "
-            "autograd's double backward (exact; about twice the memory)"
+            "help": "how the constraint branch differentiates the gradient norm, both exact: "
+            "'hvp', a Hessian-vector product by double backward over micro-batches of S "
+            "(--gradinit-hvp-chunks), or 'autograd', the double backward through the whole "
+            "batch (the reference: more memory)"
         },
+    )
+    gradinit_hvp_chunks: int = field(
+        default=2,
+        metadata={"help": "micro-batches of S for --gradinit-second-order hvp (more: less memory)"},
     )
     gradinit_overlap: float = field(
         default=0.5,
@@ -130,6 +144,7 @@ class GradInitConfig(FairseqDataclass):
 FLAG_SETTINGS = {
     "iters", "optimizer", "eta", "gamma", "lr", "betas", "grad_clip",
     "min_scale", "max_scale", "overlap", "max_tokens", "load", "second_order",
+    "gamma_factor", "hvp_chunks",
 }  # fmt: skip
 
 
@@ -154,8 +169,16 @@ def target_optimizer(cfg) -> str:
 def settings_from_config(cfg) -> GradInitSettings:
     """GradInitSettings for a run, defaults filled in from the training flags."""
     target = target_optimizer(cfg)
-    gamma, gamma_factor = cfg.gradinit_gamma, None
-    if gamma is None:
+    gamma, gamma_factor = cfg.gradinit_gamma, cfg.gradinit_gamma_factor
+    if gamma is not None and gamma_factor is not None:
+        raise GradInitError(
+            "cannot be given together with --gradinit-gamma: the bound is either absolute "
+            "(--gradinit-gamma) or relative to the first iteration's norm (--gradinit-gamma-factor)",
+            "gamma_factor",
+        )
+    if gamma_factor is not None:
+        gamma = math.inf
+    elif gamma is None:
         gamma, gamma_factor = (SGD_GAMMA, None) if target == SGD else (math.inf, ADAM_GAMMA_FACTOR)
     return GradInitSettings(
         iters=cfg.gradinit_iters,
@@ -169,6 +192,7 @@ def settings_from_config(cfg) -> GradInitSettings:
         min_scale=cfg.gradinit_min_scale,
         max_scale=math.inf if cfg.gradinit_max_scale is None else cfg.gradinit_max_scale,
         second_order=str(cfg.gradinit_second_order),
+        hvp_chunks=cfg.gradinit_hvp_chunks,
     ).validate()
 
 

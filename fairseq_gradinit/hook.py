@@ -151,8 +151,9 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         progress.log(_stats(record), tag="gradinit", step=record.iteration)
 
     def loss_fn(m, sample):
+        # (summed loss, its normaliser): lets the constraint step weight micro-batches exactly
         loss, sample_size, _ = criterion(m, sample)
-        return loss / sample_size
+        return loss, sample_size
 
     result = gradinit(
         work, loss_fn, progress, settings, scaled, log,

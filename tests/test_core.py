@@ -149,7 +149,7 @@ def test_adam_target_measures_the_l1_norm_and_sgd_target_the_l2_norm():
     l1 = sum(g.abs().sum() for g in grads).item()
     l2 = math.sqrt(sum(g.pow(2).sum() for g in grads).item())
     adam = gradinit(make_net(), ce, pairs(data), GradInitSettings(iters=1, target="adam"))
-    sgd = gradinit(make_net(), ce, pairs(data), GradInitSettings(iters=1, target="sgd"))
+    sgd = gradinit(make_net(), ce, pairs(data), GradInitSettings(iters=1, target="sgd", gamma=1.0))
     assert adam.history[0].grad_norm == pytest.approx(l1, rel=1e-5)
     assert sgd.history[0].grad_norm == pytest.approx(l2, rel=1e-5)
 
@@ -187,7 +187,8 @@ def test_objective_gradient_holds_the_virtual_step_constant(target, expected_con
     s = (s[0].double(), s[1])
     s_tilde = (s_tilde[0].double(), s_tilde[1])
     eta = 0.1
-    settings = GradInitSettings(iters=1, eta=eta, target=target)
+    gamma = 3.0 if target == "sgd" else math.inf  # the SGD step's length (paper 3.5)
+    settings = GradInitSettings(iters=1, eta=eta, target=target, gamma=gamma)
     record, grad = _scale_gradient(net, s, s_tilde, settings, expect_constraint=expected_constraint)
     assert record.branch == OBJECTIVE
     names = list(select_tensors(net))
@@ -196,7 +197,7 @@ def test_objective_gradient_holds_the_virtual_step_constant(target, expected_con
         step = {n: g.sign() for (n, _), g in zip(net.named_parameters(), grads)}
     else:
         l2 = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-        step = {n: g / l2 for (n, _), g in zip(net.named_parameters(), grads)}
+        step = {n: gamma * g / l2 for (n, _), g in zip(net.named_parameters(), grads)}
     h = 1e-6
     for i in range(len(names)):
         up, down = torch.ones(len(names), dtype=torch.float64), torch.ones(len(names), dtype=torch.float64)
@@ -207,16 +208,19 @@ def test_objective_gradient_holds_the_virtual_step_constant(target, expected_con
 
 
 @pytest.mark.parametrize(
-    "second_order, expected, rel",
-    [("autograd", False, 1e-4), ("autograd", True, 1e-4), ("finite-difference", False, 1e-2)],
-    ids=["autograd-first-order-first", "autograd-graph-built-at-once", "finite-difference"],
+    "second_order, chunks, expected",
+    [("autograd", 1, False), ("autograd", 1, True), ("hvp", 1, False), ("hvp", 2, True), ("hvp", 5, False)],
+    ids=["autograd-first-order-first", "autograd-graph-built-at-once", "hvp-1-chunk", "hvp-2-chunks", "hvp-5-chunks"],
 )
 @pytest.mark.parametrize("target", ["sgd", "adam"])
-def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(target, second_order, expected, rel):
+def test_constraint_gradient_is_the_second_order_gradient_of_the_norm(target, second_order, chunks, expected):
+    rel = 1e-4
     net = make_net().double()
     s, s_tilde = split_batch(make_data(1)[0])
     s = (s[0].double(), s[1])
-    settings = GradInitSettings(iters=1, eta=0.1, target=target, gamma=1e-9, second_order=second_order)
+    settings = GradInitSettings(
+        iters=1, eta=0.1, target=target, gamma=1e-9, second_order=second_order, hvp_chunks=chunks
+    )
     record, grad = _scale_gradient(net, s, s_tilde, settings, expect_constraint=expected)
     assert record.branch == CONSTRAINT
     names = list(select_tensors(net))

@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("--min-scale", type=float, default=0.01)
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out")
     args = p.parse_args(argv)
     data = args.data or str(prepare_multi30k())
@@ -106,6 +107,7 @@ def run(args, data, name, gamma):
     from fairseq_gradinit.selection import select_tensors
 
     task, model, criterion = build(args, data)  # same seed: same initialization every run
+    model.to(args.device)
 
     def loss_fn(m, sample):
         loss, size, _ = criterion(m, sample)
@@ -145,7 +147,7 @@ def run(args, data, name, gamma):
             lr = min(lr, args.lr * (update + 1) / warm)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, size, _ = criterion(model, sample)
+        loss, size, _ = criterion(model, _to(sample, args.device))
         optimizer.zero_grad(set_to_none=True)
         (loss / size).backward()
         optimizer.step()
@@ -162,7 +164,7 @@ def validate(task, model, criterion, args) -> float:
     total, size = 0.0, 0
     with torch.no_grad():
         for sample in batches(task, model, "valid", args.max_tokens, args.seed).next_epoch_itr(shuffle=False):
-            loss, n, _ = criterion(model, sample)
+            loss, n, _ = criterion(model, _to(sample, args.device))
             total, size = total + loss.item(), size + n
     return total / size / math.log(2)  # fairseq logs the loss in base 2
 
@@ -172,7 +174,7 @@ def table(args, rows):
         f"GradInit's constraint on Multi30k, {args.model} Post-LN model, seed {args.seed}: {args.iters} GradInit "
         f"iterations at tau {args.tau:g} (Adam target, eta = lr = {args.lr:g}, exact second order, floor "
         f"{args.min_scale:g}), then {args.updates} Adam updates without warmup (warmup: linear over "
-        f"{int(0.3 * args.updates)}), --max-tokens {args.max_tokens}",
+        f"{int(0.3 * args.updates)}), --max-tokens {args.max_tokens}, {args.device}",
         "",
         "| run | gamma | constraint iterations (first 20) | l1 norm first -> last | weight tensors at the floor "
         "| scales min / mean / max | GradInit time | valid loss (base 2) |",
@@ -191,6 +193,12 @@ def table(args, rows):
             f"| {r['valid']:.3f} |"
         )
     return lines
+
+
+def _to(sample, device):
+    from fairseq import utils
+
+    return utils.move_to_cuda(sample) if device == "cuda" else sample
 
 
 def _short(name: str) -> str:

@@ -81,7 +81,7 @@ def main():
     for model in args.models.split(","):
         results = {mode: run_child(args, data, mode, model) for mode in MODES}
         rows.append((model, results))
-    report(rows, args)
+        report(rows, args, final=model == args.models.split(",")[-1])  # a table after each model
 
 
 def run_child(args, data, mode, model) -> dict:
@@ -226,15 +226,16 @@ def _now():
     return time.perf_counter()
 
 
-def report(rows, args):
-    """Print the table and write it to --out."""
+def report(rows, args, final=True):
+    """Write the table to --out (and print it at the end)."""
     import contextlib
     import io
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         table(rows, args)
-    print("\n" + text.getvalue(), end="")
+    if final:
+        print("\n" + text.getvalue(), end="")
     out = Path(args.out or ROOT / "bench" / "results" / f"cost-{args.device}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text.getvalue())

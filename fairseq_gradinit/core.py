@@ -368,7 +368,8 @@ def _iteration(
 
     # Fused attention kernels have no double backward and the kernel is chosen at
     # forward time: with "autograd", use the math kernel whenever the constraint may act.
-    with _math_attention() if whole_graph and math.isfinite(gamma) else contextlib.nullcontext():
+    may_bind = math.isfinite(gamma) or gamma_factor is not None
+    with _math_attention() if whole_graph and may_bind else contextlib.nullcontext():
         loss_s, size_s = _mean_loss(objective.loss(theta, s))
     loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
     # "autograd" builds the double-backward graph only when the constraint branch is
@@ -452,6 +453,7 @@ def _hessian_vector_product(objective, base, names, scales, s, size_s, v, chunks
             (grad,) = torch.autograd.grad(dot, scales, allow_unused=True)
             if grad is not None:
                 total += grad.detach()
+        del theta, flat, out, part, grads, dot  # this micro-batch's graph, before the next one's
     return total
 
 

@@ -13,9 +13,11 @@ the default GradInit batch: one training batch of --max-tokens split into S and 
 batch: the share of scales whose gradient, clamped at --gradinit-grad-clip 1 as the
 constraint step clamps it, has the same sign (the lowest over the batches), and the
 cosine of the clamped gradients. Times are medians over --repeats after --warmup
-iterations; memory is the child's peak (CPU: max RSS of the whole process; GPU:
-torch.cuda.max_memory_allocated). Everything is printed as a ratio to the training
-step, with the targets from the project's issue.
+iterations: on a GPU wall-clock seconds; on the CPU the child's CPU seconds with torch on
+one thread, which other processes on a shared machine do not inflate (wall time there
+can triple from one child to the next). Memory is the child's peak (CPU: max RSS of the
+whole process; GPU: torch.cuda.max_memory_allocated). Everything is printed as a ratio
+to the training step, with the targets from the project's issue.
 """
 import argparse
 import json
@@ -105,6 +107,8 @@ def child(args):
     mode, model_name = args.child.split(":")
     task, model, criterion, batches = build(args, model_name)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # CPU seconds of one thread: see the module docstring
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -223,7 +227,8 @@ def _now():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter()
+        return time.perf_counter()
+    return time.process_time()
 
 
 def report(rows, args, final=True):
@@ -246,7 +251,8 @@ def table(rows, args):
     from fairseq_gradinit.core import GradInitSettings
 
     chunks = GradInitSettings().hvp_chunks
-    print(f"GradInit cost, {args.device}, --max-tokens {args.max_tokens}, median of {args.repeats} "
+    clock = "wall-clock seconds" if args.device == "cuda" else "CPU seconds, one thread"
+    print(f"GradInit cost, {args.device} ({clock}), --max-tokens {args.max_tokens}, median of {args.repeats} "
           f"after {args.warmup} warm-up (ratios to one training step)\n")  # fmt: skip
     print(f"| model | params | train step | objective iter | constraint iter (default: hvp, {chunks} chunks) | "
           "constraint iter, autograd | peak mem: objective | peak mem: constraint | peak mem: constraint, autograd | "

@@ -11,12 +11,12 @@ section 3 and its footnote 1, including "the scale and bias of normalization lay
   its subclass ``LinearizedConvolution``, used by ``--arch fconv``), and the packed
   projections of ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
   ``q/k/v_proj_weight``, ``bias_k/bias_v``; its ``out_proj`` is an ``nn.Linear``). The
-  packed ``in_proj_weight`` holds q, k and v in one tensor and gets ONE scale: splitting
-  it would need a scale per slice, which the weight could not store (the model keeps one
-  tensor). fairseq's own attention has separate q/k/v ``nn.Linear`` and gets three.
+  packed ``in_proj_weight`` holds q, k and v in one tensor and gets ONE scale, as every
+  tensor does (the paper learns one scale per parameter tensor), so q, k and v move
+  together there; fairseq's own attention has separate q/k/v ``nn.Linear`` and gets three.
 * normalization layers, however implemented: a module whose class, or any base class,
-  is named ``*LayerNorm``, ``*RMSNorm``, ``*GroupNorm``, ``*BatchNorm[123]d``,
-  ``*InstanceNorm[123]d`` or ``*SyncBatchNorm``. The name is the only thing the
+  is named ``*LayerNorm``, ``*RMSNorm``, ``*GroupNorm``, ``*BatchNorm`` (optionally
+  followed by 1d/2d/3d) or ``*InstanceNorm1d/2d/3d``. The name is the only thing the
   implementations share: apex's ``FusedLayerNorm`` and ``FusedRMSNorm`` (which fairseq
   builds whenever CUDA and apex are present), Megatron's ``MixedFusedLayerNorm``,
   ``nn.RMSNorm``, Hugging Face's ``LlamaRMSNorm``/``T5LayerNorm`` are plain

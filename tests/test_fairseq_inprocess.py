@@ -135,6 +135,9 @@ def test_constraint_branch_on_a_fairseq_transformer_hvp_matches_autograd(data_bi
         loss, size, _ = criterion(m, sample)
         return loss, size
 
+    from fairseq_gradinit.selection import select_tensors, unscaled_modules
+
+    assert unscaled_modules(model, select_tensors(model)) == []  # no warning on fairseq's transformer
     exact = core.norm_gradient(model, loss_fn, s, core.GradInitSettings(second_order=core.AUTOGRAD))
     for chunks in (2, 3):
         hvp = core.norm_gradient(model, loss_fn, s, core.GradInitSettings(second_order=core.HVP, hvp_chunks=chunks))

@@ -197,4 +197,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    R.install_stop_handler()
     main()

@@ -10,12 +10,12 @@ then copy "$OUT/gpu/results/gpu-*" to bench/results/. What it runs, all on the o
 
 1. bench/cost.py --device cuda --models iwslt (alone, so that its timings are clean);
 2. then, all at once in separate processes (fp16, Multi30k at bench/work/multi30k/data-bin):
-   - iwslt: transformer_iwslt_de_en (dropout 0.3, weight decay 1e-4, lr 5e-4, 1500
-     updates): vanilla (no warmup), warmup (400 updates, see WARMUP below), gradinit
+   - iwslt: transformer_iwslt_de_en (dropout 0.3, weight decay 1e-4, lr 5e-4, 1200
+     updates): vanilla (no warmup), warmup (300 updates, see WARMUP below), gradinit
      (Adam target, 100 iterations at tau 1.5e-2), admin (transformer_wskip_iwslt_de_en,
      profiling Admin);
    - depth: bench/depth.py's gpu scale (18+18 layers x 128, FFN 512, lr 1e-3) with all
-     nine methods for 1500 updates;
+     nine methods for 1200 updates ('warmup': 300);
    each followed by BLEU on the test set (beam 5).
 
 Robustness: every run is its own process; one that fails is recorded and the others go
@@ -26,10 +26,15 @@ Tables are rewritten after every finished run, so a killed bench leaves partial 
 RESULTS/gpu-iwslt.md|.png|.json, gpu-depth.md|.png|.json, gpu-cost.md, gpu.md (index),
 in --results (default bench/results) and in OUT/results.
 
-WARMUP: the paper's baseline warms up over 4000 updates, but these runs are 1500 updates
-long, so a 4000-update warmup would never reach the peak lr. 400 updates (27% of the
-run) is 4x the 2/(1 - beta2) = 100 updates that untuned linear warmup needs for Adam
+WARMUP: the paper's baseline warms up over 4000 updates, but these runs are 1200 updates
+long, so a 4000-update warmup would never reach the peak lr. 300 updates (25% of the
+run) is 3x the 2/(1 - beta2) = 100 updates that untuned linear warmup needs for Adam
 with beta2 = 0.98 (Ma & Yarats 2021), so the baseline is not starved of warmup.
+
+RUN LENGTH: 13 training processes share the GPU and 16 cores (one thread each). If they
+are slower than planned, fairseq's --stop-time-hours ends them early with a final
+validation and checkpoint; the tables give the updates each run reached, and compare
+losses at the same updates.
 
 ``--preset tiny`` (the test suite's) runs the same pipeline on CPU with tiny models,
 a few updates and a subset of the methods, in well under a minute.
@@ -47,14 +52,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import depth  # noqa: E402
 import runs as R  # noqa: E402
 
-IWSLT = dict(arch="transformer_iwslt_de_en", lr=5e-4, updates=1500, warmup=400, interval=100, max_tokens=4096,
+IWSLT = dict(arch="transformer_iwslt_de_en", lr=5e-4, updates=1200, warmup=300, interval=100, max_tokens=4096,
              gradinit_iters=100, gradinit_lr=1.5e-2, fp16=True)  # fmt: skip
 IWSLT_MODEL = ["--dropout", "0.3", "--weight-decay", "1e-4"]
 
 PRESETS = {
     "gpu": dict(device="cuda", iwslt=IWSLT, iwslt_model=IWSLT_MODEL,
                 iwslt_methods=("vanilla", "warmup", "gradinit", "admin"),
-                depth=dict(depth.SCALES["gpu"], updates=1500, warmup=400), depth_methods=depth.METHODS,
+                depth=dict(depth.SCALES["gpu"], updates=1200, warmup=300), depth_methods=depth.METHODS,
                 cost=["--device", "cuda", "--models", "iwslt"], cost_timeout=150,
                 budget_minutes=8.5, bleu_reserve=75, min_start=60),
     "tiny": dict(device="cpu", iwslt=dict(IWSLT, arch="transformer", updates=4, warmup=2, interval=2,
@@ -179,4 +184,5 @@ def run_cost(cfg, data, tables, prefix, deadline, device_name) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    R.install_stop_handler()
     main()

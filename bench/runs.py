@@ -95,21 +95,52 @@ class Budget:
         return self.left() - self.reserve
 
 
+#: set by stop(): no run or BLEU starts any more
+STOPPED = threading.Event()
+_live: Dict[int, subprocess.Popen] = {}  # process groups of the running children, by pid
+
+
+def stop(signum=None, frame=None):
+    """Kill every running child (its whole process group) and start nothing new.
+
+    Installed as the SIGTERM/SIGINT handler by the benches' main(), so that a bench
+    killed from outside (``timeout``) still writes its tables with what finished.
+    """
+    STOPPED.set()
+    for pid in list(_live):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def install_stop_handler():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+
 def call(cmd, log_path: Path, timeout: Optional[float], env=None) -> Optional[int]:
     """Run cmd with its output in log_path; kill its whole process group at the timeout.
 
-    Returns the exit code, or None when it was killed for time.
+    Returns the exit code, or None when it was killed for time (or by stop()).
     """
+    if STOPPED.is_set():
+        return None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))  # fmt: skip
+        _live[proc.pid] = proc
         try:
-            return proc.wait(timeout=None if timeout is None or math.isinf(timeout) else max(timeout, 1))
+            code = proc.wait(timeout=None if timeout is None or math.isinf(timeout) else max(timeout, 1))
+            return None if STOPPED.is_set() and code < 0 else code
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             log.write(f"\n[bench] killed after {timeout:.0f}s: out of the time budget\n")
             return None
+        finally:
+            _live.pop(proc.pid, None)
 
 
 def execute(run: Run, data: Path, budget: Budget, bleu=True, fresh=False, env=None) -> Dict:
@@ -124,7 +155,7 @@ def execute(run: Run, data: Path, budget: Budget, bleu=True, fresh=False, env=No
             return before
     base = {"method": run.method, "seed": run.seed, "updates_planned": run.updates, "save_dir": str(save_dir)}
     seconds_left = budget.train_seconds()
-    if seconds_left < budget.min_start:
+    if seconds_left < budget.min_start or STOPPED.is_set():
         print(f"{run.name}: skipped, {seconds_left:.0f}s of the time budget left", flush=True)
         return {**base, "status": "skipped", "exit_code": None, "seconds": 0, "train": [], "valid": [],
                 "valid_nll": [], "gradinit": None}  # fmt: skip
@@ -147,14 +178,15 @@ def execute(run: Run, data: Path, budget: Budget, bleu=True, fresh=False, env=No
     log_text = (save_dir / "train.log").read_text(errors="replace")
     result["nonfinite"] = any(marker in log_text for marker in NONFINITE_MARKERS)
     result["updates_done"] = max([u for u, _ in result["train"] + result["valid"]], default=0)
-    result["status"] = "done" if code == 0 else ("out of time" if code is None else "failed")
+    result["status"] = "done" if code == 0 else ("failed" if code is not None else
+                                                 "stopped (signal)" if STOPPED.is_set() else "out of time")
     if code != 0:
         print(f"{run.name}: fairseq-train {'ran out of time' if code is None else f'exited with {code}'}; "
               f"see {save_dir / 'train.log'}", flush=True)  # fmt: skip
     scales = save_dir / "gradinit_scales.json"
     if scales.is_file():
         result["scales"] = json.loads(scales.read_text())
-    if bleu and (save_dir / "checkpoint_last.pt").is_file() and budget.left() > 5:
+    if bleu and (save_dir / "checkpoint_last.pt").is_file() and budget.left() > 5 and not STOPPED.is_set():
         result["bleu"] = score(save_dir, data, run.device, budget.left() - 5, env)
     for checkpoint in save_dir.glob("checkpoint*.pt"):
         checkpoint.unlink()

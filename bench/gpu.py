@@ -4,9 +4,11 @@ with every initialization, and GradInit's cost, in one command.
 The command (GPU machine, repository root; fairseq installed with pip --target):
 
     export PYTHONPATH=/tmp/site:$PWD
-    PYTHON=python3 bash bench/gpu.sh "$OUT/gpu"         # = python3 bench/gpu.py --out "$OUT/gpu"
+    PYTHON=python3 bash bench/gpu.sh /tmp/gpu-bench --results "$OUT/results" --archive "$OUT/gpu-runs.tar.gz"
+    # = python3 bench/gpu.py --out /tmp/gpu-bench --results "$OUT/results" --archive ...
 
-then copy "$OUT/gpu/results/gpu-*" to bench/results/. What it runs, all on the one GPU:
+then copy the returned results/gpu* into bench/results/ (only tables and one archive go
+to $OUT: the device returns few, shallow files). What it runs, all on the one GPU:
 
 1. bench/cost.py --device cuda --models iwslt (alone, so that its timings are clean);
 2. then, all at once in separate processes (fp16, Multi30k at bench/work/multi30k/data-bin):
@@ -82,6 +84,7 @@ def main(argv=None):
     p.add_argument("--budget-minutes", type=float, help="wall-clock budget of the whole bench")
     p.add_argument("--bleu-reserve", type=float, help="seconds kept at the end for BLEU")
     p.add_argument("--skip-cost", action="store_true", help="leave out bench/cost.py")
+    p.add_argument("--archive", help="write the runs' logs and JSON (no checkpoints) to this .tar.gz at the end")
     a = p.parse_args(argv)
     start = time.time()
     cfg = PRESETS[a.preset]
@@ -143,6 +146,11 @@ def main(argv=None):
     index.append(f"\ntotal {(time.time() - start) / 60:.1f} min of a {budget_s / 60:.1f} min budget")
     for t in tables:
         (t / f"{prefix}.md").write_text("\n".join(index) + "\n")
+    if a.archive:
+        import tarfile
+
+        with tarfile.open(a.archive, "w:gz") as tar:
+            tar.add(out / "runs", arcname="runs", filter=lambda info: None if info.name.endswith(".pt") else info)
     print("\n".join(index))
     for t in tables[:1]:
         for name in groups:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One GPU, nine minutes (bench/gpu.py's docstring says what runs). The lead's command, on
-# the GPU machine from the repository root, after installing fairseq and its wheels with
-# `pip install --target /tmp/site ...` and carrying bench/work/multi30k/data-bin:
+# One GPU, nine minutes (bench/gpu.py's docstring says what runs and why). The command, on
+# the GPU machine from the repository root, after `pip install --target /tmp/site ...`
+# (fairseq and its wheels) and with bench/work/multi30k/data-bin carried over:
 #
-#   export PYTHONPATH=/tmp/site:$PWD; PYTHON=python3 bash bench/gpu.sh "$OUT/gpu"
+#   export PYTHONPATH=/tmp/site:$PWD
+#   PYTHON=python3 bash bench/gpu.sh /tmp/gpu-bench --results "$OUT/results" --archive "$OUT/gpu-runs.tar.gz"
 #
-# Everything goes under the directory given as $1 (or $BENCH_OUT, or bench/work/gpu): the
-# runs in runs/, the tables in results/ (also written to bench/results/). Copy
-# "$OUT/gpu/results/gpu*" into bench/results/ afterwards. Further arguments go to gpu.py
-# (e.g. --budget-minutes 8, --skip-cost, --preset tiny for a CPU smoke test).
+# $1 (or $BENCH_OUT, or bench/work/gpu) holds the runs; the tables go to --results (default
+# bench/results) and to $1/results. Afterwards copy the returned results/gpu* into
+# bench/results/. Further arguments go to gpu.py (--budget-minutes, --skip-cost,
+# --preset tiny for a CPU smoke test with --data DATA_BIN).
 set -u
 out=${1:-${BENCH_OUT:-bench/work/gpu}}
 shift || true

@@ -185,7 +185,8 @@ def test_call_kills_the_whole_process_group_when_time_is_up(tmp_path):
 
 def test_gpu_bench_tiny_preset_runs_cost_both_groups_and_bleu_on_cpu(data_bin, tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
-    gpu.main(["--preset", "tiny", "--data", data_bin, "--out", str(out), "--results", str(results)])
+    gpu.main(["--preset", "tiny", "--data", data_bin, "--out", str(out), "--results", str(results),
+              "--archive", str(tmp_path / "runs.tar.gz")])  # fmt: skip
 
     for folder in (results, out / "results"):
         names = {p.name for p in folder.iterdir()}
@@ -199,3 +200,8 @@ def test_gpu_bench_tiny_preset_runs_cost_both_groups_and_bleu_on_cpu(data_bin, t
     log = (out / "runs" / "iwslt" / "vanilla-seed1" / "train.log").read_text()
     stop = re.search(r"'stop_time_hours': ([0-9.]+)", log)
     assert stop and 0 < float(stop.group(1)) < 10 / 60  # the budget became fairseq's own stop time
+    import tarfile
+
+    with tarfile.open(tmp_path / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "runs/iwslt/gradinit-seed1/train.log" in names and not [n for n in names if n.endswith(".pt")]

@@ -45,14 +45,16 @@ METHODS = ("vanilla", "warmup", "preln", "admin", "admin-analytic", "deepnet", "
 #: model (arch family, layers, width, FFN, heads, dropout) and schedule of each scale.
 #: cpu: sized so that 9 methods x 2 seeds fit ~40 minutes on 2 shared cores; at 8+8 x 64
 #: and lr 2e-3 Post-LN without warmup already stays at the unigram loss (measured: valid
-#: nll 8.45 after 100 updates; Pre-LN 7.82 after 50). gpu: the issue's 18+18 x 128 model
-#: (FFN 512), fp16, long enough for BLEU. tiny: the test suite's.
+#: nll 8.45 after 100 updates; Pre-LN 7.82 after 50). With --layers 18,18 (same lr)
+#: Post-LN stays there even with warmup while Pre-LN learns (bench/results/
+#: depth-cpu-18layers.md). gpu: that depth and lr, the issue's 128 wide (FFN 512), fp16,
+#: 4x the batch and long enough for BLEU. tiny: the test suite's.
 #: GradInit: iterations x tau about 1 (README "Short GradInit runs"), eta = lr.
 SCALES = {
     "cpu": dict(arch="transformer", layers=(8, 8), dim=64, ffn=256, heads=4, dropout=0.1, lr=2e-3,
                 updates=150, warmup=50, interval=25, max_tokens=1024, gradinit_iters=40, gradinit_lr=2.5e-2,
                 fp16=False),
-    "gpu": dict(arch="transformer", layers=(18, 18), dim=128, ffn=512, heads=4, dropout=0.1, lr=1e-3,
+    "gpu": dict(arch="transformer", layers=(18, 18), dim=128, ffn=512, heads=4, dropout=0.1, lr=2e-3,
                 updates=2000, warmup=500, interval=100, max_tokens=4096, gradinit_iters=100, gradinit_lr=1.5e-2,
                 fp16=True),
     "tiny": dict(arch="transformer", layers=(2, 2), dim=16, ffn=32, heads=2, dropout=0.1, lr=1e-3,

@@ -16,7 +16,7 @@ to $OUT: the device returns few, shallow files). What it runs, all on the one GP
      updates): vanilla (no warmup), warmup (300 updates, see WARMUP below), gradinit
      (Adam target, 100 iterations at tau 1.5e-2), admin (transformer_wskip_iwslt_de_en,
      profiling Admin);
-   - depth: bench/depth.py's gpu scale (18+18 layers x 128, FFN 512, lr 1e-3) with all
+   - depth: bench/depth.py's gpu scale (18+18 layers x 128, FFN 512, lr 2e-3) with all
      nine methods for 1200 updates ('warmup': 300);
    each followed by BLEU on the test set (beam 5).
 

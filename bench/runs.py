@@ -377,9 +377,9 @@ def plot(results: List[Dict], unigram: float, path: Path, title: str):
     """Training loss and validation nll per run, one colour per method, with the unigram level."""
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -120,6 +120,10 @@ def describe(s: dict, device: str, seeds: int, data: str) -> str:
             f"tau {s['gradinit_lr']}, eta = lr.")  # fmt: skip
 
 
+def data_label(data: Path) -> str:
+    return "Multi30k De-En" if data.resolve().parts[-2:] == ("multi30k", "data-bin") else f"`{data}`"
+
+
 def write_outputs(results, unigram, results_dir: Path, stem: str, header: str, command: str) -> Path:
     """RESULTS/STEM.md, .json and .png from the runs so far."""
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ def main(argv=None):
     out = Path(a.out or ROOT / "bench" / "work" / f"depth-{a.scale}")
     stem = a.name or f"depth-{a.scale}"
     unigram = R.unigram_bits(data)
-    header = describe(s, a.device, a.seeds, f"`{a.data}`" if a.data else "Multi30k De-En")
+    header = describe(s, a.device, a.seeds, data_label(data))
     command = " ".join(["bench/depth.py", *(argv if argv is not None else sys.argv[1:])])
     runs = build_runs(s, methods, range(1, a.seeds + 1), out, a.device)
     seconds = a.budget_minutes * 60 if a.budget_minutes else None

@@ -109,7 +109,7 @@ def main(argv=None):
         device_name = "cpu"
     command = " ".join(["bench/gpu.py", *(argv if argv is not None else sys.argv[1:])])
     unigram = R.unigram_bits(data)
-    label = "Multi30k De-En" if data.resolve() == (ROOT / "bench/work/multi30k/data-bin").resolve() else f"`{data}`"
+    label = depth.data_label(data)
     index = [f"# GPU bench ({a.preset}) on {device_name}", "", f"command: {command}", ""]
 
     if not a.skip_cost:

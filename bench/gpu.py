@@ -43,7 +43,6 @@ a few updates and a subset of the methods, in well under a minute.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,7 +112,7 @@ def main(argv=None):
     index = [f"# GPU bench ({a.preset}) on {device_name}", "", f"command: {command}", ""]
 
     if not a.skip_cost:
-        index.append(run_cost(cfg, data, tables, prefix, deadline, device_name))
+        index.append(run_cost(cfg, data, tables, prefix, deadline, device_name, out))
 
     iwslt_s, depth_s = cfg["iwslt"], cfg["depth"]
     iwslt_runs = iwslt_runs_of(cfg, out / "runs" / "iwslt", device)
@@ -172,22 +171,24 @@ def iwslt_runs_of(cfg, out: Path, device: str):
     return runs
 
 
-def run_cost(cfg, data, tables, prefix, deadline, device_name) -> str:
+def run_cost(cfg, data, tables, prefix, deadline, device_name, out: Path) -> str:
     """bench/cost.py with the preset's flags; its table (or its failure) into PREFIX-cost.md."""
     timeout = min(cfg["cost_timeout"], deadline - time.time() - 60)
     cmd = [sys.executable, str(ROOT / "bench" / "cost.py"), "--data", str(data), *cfg["cost"]]
     start = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1),
-                              env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
-        ok, text = proc.returncode == 0, proc.stdout + ("" if proc.returncode == 0 else "\n" + proc.stderr[-3000:])
-    except subprocess.TimeoutExpired as e:
-        ok, text = False, (e.stdout or b"").decode(errors="replace") + f"\n[bench] killed after {timeout:.0f}s"
-    head = f"GradInit cost on {device_name} ({time.time() - start:.0f}s){'' if ok else ', FAILED'}:"
+    out.mkdir(parents=True, exist_ok=True)
+    code = R.call(cmd, out / "cost.log", timeout)
+    text = (out / "cost.log").read_text(errors="replace")
+    if code == 0:  # the table and its command, without the children's log lines
+        text = text[text.index("GradInit cost,"):] if "GradInit cost," in text else text
+    else:
+        text = text[-3000:]
+    status = "" if code == 0 else (" FAILED" if code is not None else " KILLED (out of time)")
+    head = f"GradInit cost on {device_name} ({time.time() - start:.0f}s){status}:"
     for t in tables:
         (t / f"{prefix}-cost.md").write_text(head + "\n\n" + text.strip() + "\n")
     print(head, "\n", text, flush=True)
-    return f"- {prefix}-cost.md: bench/cost.py {' '.join(cfg['cost'])}{'' if ok else ' (FAILED)'}"
+    return f"- {prefix}-cost.md: bench/cost.py {' '.join(cfg['cost'])}{status}"
 
 
 if __name__ == "__main__":

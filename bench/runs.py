@@ -307,14 +307,17 @@ def scales_pattern(results: List[Dict]) -> List[str]:
     methods = list(dict.fromkeys(r["method"] for r in runs))
     kinds: Dict[str, Dict[str, List]] = {}
     for r in runs:
-        floor = float(r["scales"].get("settings", {}).get("min_scale", 0.01))
+        settings = r["scales"].get("settings", {})
         for name, value in r["scales"]["scales"].items():
+            # biases have their own floor (--gradinit-min-bias-scale semantics in core: 0 by default)
+            key, default = ("min_bias_scale", 0.0) if name.endswith(".bias") else ("min_scale", 0.01)
+            floor = float(settings.get(key, default))
             m = re.search(r"layers\.(\d+)\.", name)
             kind = re.sub(r"layers\.\d+\.", "layers.*.", name)
             entry = kinds.setdefault(kind, {}).setdefault(r["method"], [])
-            entry.append((value, m.group(1) if m else "", value <= floor * 1.001, r["seed"]))
-    lines = ["GradInit scales per tensor kind (mean over layers and seeds, min; layers at the floor "
-             "= --gradinit-min-scale, with the seed):", "",
+            entry.append((value, m.group(1) if m else "", value <= floor * 1.001 + 1e-6, r["seed"]))
+    lines = ["GradInit scales per tensor kind (mean over layers and seeds, min; the layers whose scale "
+             "is at its lower bound, with the seed: --gradinit-min-scale for weights, 0 for biases):", "",
              "| tensor | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]  # fmt: skip
     down = {}
     for kind, per_method in kinds.items():

@@ -157,11 +157,14 @@ def test_verdict_tells_diverged_stuck_and_learning_runs_apart():
 
 def test_scales_pattern_names_the_tensors_gradinit_pinned_at_the_floor():
     scales = {"encoder.layers.0.fc1.weight": 0.01, "encoder.layers.1.fc1.weight": 0.19,
-              "encoder.layers.0.fc2.weight": 1.1, "encoder.layers.1.fc2.weight": 0.9}  # fmt: skip
-    result = {"method": "gradinit", "seed": 1, "scales": {"scales": scales, "settings": {"min_scale": 0.01}}}
+              "encoder.layers.0.fc2.weight": 1.1, "encoder.layers.1.fc2.weight": 0.9,
+              "encoder.layers.0.fc2.bias": 0.005, "encoder.layers.1.fc2.bias": 0.0}  # fmt: skip
+    settings = {"min_scale": 0.01, "min_bias_scale": 0.0}
+    result = {"method": "gradinit", "seed": 1, "scales": {"scales": scales, "settings": settings}}
     text = "\n".join(runs.scales_pattern([result]))
     assert "| encoder.layers.*.fc1.weight | 0.10 (min 0.01) floor: L0/s1 |" in text
     assert "| encoder.layers.*.fc2.weight | 1.00 (min 0.90) |" in text
+    assert "| encoder.layers.*.fc2.bias | 0.00 (min 0.00) floor: L1/s1 |" in text  # 0.005 is above 0
     assert "scaled down (mean < 0.5): encoder.layers.*.fc1.weight" in text
 
 

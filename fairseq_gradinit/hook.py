@@ -113,14 +113,15 @@ class GradInitTaskMixin:
         """Admin's w_skip profiling (--wskip-init admin), then GradInit, on fresh weights only."""
         cfg = self.gradinit_cfg
         fresh = update_num == 0 and not getattr(self, "_weights_from_checkpoint", False)
-        if fresh and wants_admin(model):
-            admin_initialize_for_training(self, model, optimizer)
         if not fresh:
             if cfg.gradinit_only:  # setup_task refuses this; never train under --gradinit-only
                 fail("--gradinit-only: the weights come from a checkpoint, so GradInit cannot run on them")
             self._carry_scales_of_checkpoint(update_num)
-        elif cfg.gradinit or cfg.gradinit_load:
-            with interrupts.stop_at_once():
+            return
+        with interrupts.stop_at_once():
+            if wants_admin(model):
+                admin_initialize_for_training(self, model, optimizer)
+            if cfg.gradinit or cfg.gradinit_load:
                 self._run_gradinit(model, criterion, optimizer)
 
     def _run_gradinit(self, model, criterion, optimizer):
@@ -178,8 +179,8 @@ class GradInitTaskMixin:
             on_disk = state.json_scales(json_path)
             if on_disk != payload["scales"]:
                 if os.path.exists(json_path):
-                    why = "cannot be read" if on_disk is None else "holds other scales"
-                    logger.warning(f"{json_path} {why} than {source}; rewritten from the checkpoint")
+                    why = "cannot be read" if on_disk is None else f"holds other scales than {source}"
+                    logger.warning(f"{json_path} {why}; rewritten from the checkpoint")
                 state.write_json(json_path, payload)
         except GradInitError as e:
             fail(e)
@@ -298,6 +299,8 @@ def _ends_cleanly():
     """
     try:
         yield
+    except GradInitError as e:
+        _exit_now(1, _one_line(e))
     except SystemExit as e:
         if isinstance(e.code, int) or e.code is None:
             _exit_now(e.code or 0)
@@ -306,12 +309,16 @@ def _ends_cleanly():
 
 def fail(error) -> None:
     """End the run with a one-line message naming the flag, not a traceback."""
+    raise SystemExit(_one_line(error))
+
+
+def _one_line(error) -> str:
     message, setting = str(error), getattr(error, "setting", None)
     if setting in gc.FLAG_SETTINGS:
         if message.startswith(setting + " "):
             message = message[len(setting) + 1 :]
         message = f"{gc.flag(setting)} {message}" if message.startswith("must") else f"{gc.flag(setting)}: {message}"
-    raise SystemExit(f"fairseq-gradinit: error: {message}")
+    return f"fairseq-gradinit: error: {message}"
 
 
 _exit_now = interrupts.exit_now

@@ -56,11 +56,15 @@ def _end(signum):
 
 @contextlib.contextmanager
 def stop_at_once():
-    """Inside: SIGINT and SIGTERM end the process (main thread only; elsewhere no-op)."""
+    """Inside: SIGINT and SIGTERM end the process (main thread only; elsewhere no-op).
+
+    Outside GradInit fairseq's own handling applies again.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _stop) for s in SIGNALS}
+    # A signal the caller chose to ignore (nohup, a background job) stays ignored.
+    previous = {s: signal.signal(s, _stop) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

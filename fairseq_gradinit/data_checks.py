@@ -56,25 +56,39 @@ def _bound(args, kwargs):
     return bound
 
 
+def check_sentences(task, dataset, *args, **kwargs) -> None:
+    """Before batching: the training split has sentences the model and batches take.
+
+    (fairseq's batch_by_size fails with an IndexError on none.)
+    """
+    split = split_name(task, dataset)
+    if split != task.gradinit_cfg.train_subset:
+        return
+    n = len(dataset)
+    if n == 0:
+        raise GradInitError(f"the training set '{split}' is empty")
+    if _usable(dataset, _bound(args, kwargs)) == 0:
+        raise GradInitError(
+            f"all {n} sentences of the training set '{split}' are longer than the model and "
+            f"--max-tokens take (max positions {_bound(args, kwargs).get('max_positions')}); "
+            "raise --max-tokens, --max-source-positions or --max-target-positions"
+        )
+
+
+def _usable(dataset, limits) -> int:
+    positions = limits.get("max_positions")
+    if positions is None:
+        return len(dataset)
+    return len(dataset.filter_indices_by_size(np.arange(len(dataset)), positions)[0])
+
+
 def check_batches(task, dataset, itr, *args, **kwargs) -> None:
-    """The training split gives at least one batch, else GradInitError saying why not."""
+    """After batching: the training split gives at least one batch, else GradInitError why not."""
     split = split_name(task, dataset)
     if split != task.gradinit_cfg.train_subset or len(itr.frozen_batches) > 0:
         return
     limits = _bound(args, kwargs)
-    n = len(dataset)
-    if n == 0:
-        raise GradInitError(f"the training set '{split}' is empty")
-    kept = n
-    positions = limits.get("max_positions")
-    if positions is not None:
-        kept = len(dataset.filter_indices_by_size(np.arange(n), positions)[0])
-    if kept == 0:
-        raise GradInitError(
-            f"all {n} sentences of the training set '{split}' are longer than the model and "
-            f"--max-tokens take (max positions {positions}); raise --max-tokens, "
-            "--max-source-positions or --max-target-positions"
-        )
+    kept = _usable(dataset, limits)
     multiple = limits.get("required_batch_size_multiple") or 1
     if kept < multiple:
         raise GradInitError(

@@ -89,9 +89,10 @@ class GradInitTaskMixin:
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's batches; data that gives none is one line naming the cause, up front."""
         try:
+            data_checks.check_sentences(self, dataset, *args, **kwargs)
             itr = super().get_batch_iterator(dataset, *args, **kwargs)
             data_checks.check_batches(self, dataset, itr, *args, **kwargs)
-        except AssertionError as e:  # fairseq's batch_by_size: a sentence longer than a batch
+        except AssertionError:  # fairseq's batch_by_size: a sentence longer than a batch
             fail(data_checks.too_long_message(self, dataset, *args, **kwargs))
         except GradInitError as e:
             fail(e)
@@ -161,6 +162,8 @@ class GradInitTaskMixin:
         try:
             payload = state.checkpoint_scales(source) if source else None
             if payload is None:
+                if not (cfg.gradinit or cfg.gradinit_load or os.path.exists(json_path)):
+                    return  # a run that never used GradInit: nothing to say
                 logger.info(
                     f"GradInit not run: the weights come from a checkpoint ({source or '?'}, "
                     f"update {update_num}) that holds no GradInit scales"
@@ -263,10 +266,11 @@ def check_lr_scheduler(cfg) -> None:
 def check_flag_combinations(cfg) -> None:
     """Flags that contradict each other, or --gradinit-only where it would train."""
     if cfg.gradinit and cfg.gradinit_load:
-        raise GradInitError(
-            "cannot be given with --gradinit: --gradinit learns new scales, --gradinit-load "
-            "applies saved ones; give one of them",
-            "load",
+        # Adding --gradinit-load FILE to a --gradinit command is the natural way to use
+        # it, so it is not refused; but it must not pass unnoticed.
+        logger.warning(
+            f"--gradinit-load {cfg.gradinit_load} replaces --gradinit: its scales are applied "
+            "and GradInit does not run (the other --gradinit-* settings are unused)"
         )
     if cfg.gradinit_only and not (cfg.gradinit or cfg.gradinit_load):
         raise GradInitError("--gradinit-only needs --gradinit or --gradinit-load")
@@ -410,7 +414,40 @@ def save_gradinit_checkpoint(path, task, model, criterion, optimizer) -> None:
     # torch.save (what fairseq's torch_persistent_save calls) into a temporary file, so
     # an interrupted or failed write never looks like a finished checkpoint and leaves
     # nothing behind; fairseq's own wrapper would retry, log tracebacks and keep .tmp.
-    state.write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    state.write_atomically(path, lambda tmp: _save(checkpoint, tmp))
+
+
+def _save(checkpoint, path) -> None:
+    """torch.save, but a failed write (a full disk) raises its OSError, errno and all:
+    torch's zip writer would turn it into "enforce fail ... unexpected pos"."""
+    with open(path, "wb", buffering=0) as f:
+        sink = _FullWrites(f)
+        try:
+            torch.save(checkpoint, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _FullWrites:
+    """A file for torch.save that writes every byte it is given, or remembers why not."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self.f.write(view) :]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(memoryview(data).cast("B"))
+
+    def flush(self):
+        self.f.flush()
 
 
 def is_master() -> bool:

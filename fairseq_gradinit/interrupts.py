@@ -15,6 +15,7 @@ until the files are whole, then ends the run the same way.
 """
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -32,8 +33,12 @@ def exit_now(code: int = 0, message: str = None) -> None:
     A SystemExit or KeyboardInterrupt unwinding through fairseq would shut the
     interpreter down while its batch prefetch thread (a daemon thread of
     BufferedIterator) may be inside torch's C++ code, which then aborts the process
-    ("terminate called without an active exception", exit 134). Logs are flushed first.
+    ("terminate called without an active exception", exit 134). Logs are flushed first,
+    and the data-loader workers (children of this process) are ended first: left alone,
+    one serving a batch to this process prints a ConnectionResetError traceback.
     """
+    for child in multiprocessing.active_children():
+        child.kill()
     logging.shutdown()
     if message:
         print(message, file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, PLUGIN, TINY_ARCH, USER_COMMAND, fairseq, read_json, train
+from conftest import BIN, TINY_ARCH, USER_COMMAND, fairseq, read_json, train
 
 
 def one_line_failure(proc):
@@ -93,7 +93,8 @@ FCONV = ["--arch", "fconv", "--encoder-embed-dim", "16", "--decoder-embed-dim", 
 LIGHTCONV = ["--arch", "lightconv_iwslt_de_en", "--encoder-layers", "1", "--decoder-layers", "1",
              "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-conv-dim", "16", "--decoder-conv-dim", "16",
              "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
-             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]  # fmt: skip
+             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+             "--encoder-kernel-size-list", "[3]", "--decoder-kernel-size-list", "[3]"]  # fmt: skip
 
 
 def train_arch(data_bin, save_dir, arch_flags, *extra):

@@ -115,8 +115,12 @@ class GradInitTaskMixin:
         cfg = self.gradinit_cfg
         fresh = update_num == 0 and not getattr(self, "_weights_from_checkpoint", False)
         if not fresh:
-            if cfg.gradinit_only:  # setup_task refuses this; never train under --gradinit-only
-                fail("--gradinit-only: the weights come from a checkpoint, so GradInit cannot run on them")
+            if cfg.gradinit_only:  # it never trains
+                fail(
+                    f"--gradinit-only: fairseq started from the weights in {_loaded_checkpoint(cfg) or 'a checkpoint'}"
+                    ", and GradInit runs on fresh weights only; nothing was written: give a "
+                    "--save-dir without checkpoints (and no --restore-file or --finetune-from-model)"
+                )
             self._carry_scales_of_checkpoint(update_num)
             return
         with interrupts.stop_at_once():
@@ -274,13 +278,8 @@ def check_flag_combinations(cfg) -> None:
         )
     if cfg.gradinit_only and not (cfg.gradinit or cfg.gradinit_load):
         raise GradInitError("--gradinit-only needs --gradinit or --gradinit-load")
-    source = _loaded_checkpoint(cfg) if cfg.gradinit_only else None
-    if source and os.path.exists(source):
-        raise GradInitError(
-            f"--gradinit-only: fairseq would start from the weights in {source}, and GradInit "
-            "runs on fresh weights only; give a --save-dir without checkpoints (and no "
-            "--restore-file or --finetune-from-model)"
-        )
+    # --gradinit-only on weights from a checkpoint is refused at the first train_step,
+    # before any update: setup_task also runs when a trained model is loaded for use.
 
 
 def _loaded_checkpoint(cfg) -> Optional[str]:

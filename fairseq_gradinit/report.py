@@ -332,8 +332,11 @@ def cli_main(argv=None) -> None:
     out = args.out or os.path.join(args.save_dir, "gradinit_report")
 
     with _console():
+        created = not os.path.exists(out)
         try:
-            _check_arguments(args, out)
+            _check_arguments(args)
+            _find_inputs(args.save_dir)  # before --out is created, possibly inside it
+            _check_writable(out)
             rows = collect(args.save_dir, args.data_bin, args.batches, args.max_tokens, args.seed)
             try:
                 table = write_markdown(rows, os.path.join(out, "report.md"))
@@ -343,6 +346,9 @@ def cli_main(argv=None) -> None:
             except OSError as e:
                 raise ReportError(f"cannot write the report to {out}: {e.strerror or e}") from None
         except ReportError as e:
+            if created:  # leave no empty output folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)
             print(f"fairseq-gradinit-report: error: {e}", file=sys.stderr)
             sys.exit(2)
     print(table)
@@ -350,14 +356,18 @@ def cli_main(argv=None) -> None:
     print(f"wrote {os.path.join(out, 'report.md')}, rows.json, " + ", ".join(map(os.path.basename, paths)))
 
 
-def _check_arguments(args, out: str) -> None:
-    """Numeric flags in range and a writable output directory, before any work is done."""
+def _check_arguments(args) -> None:
+    """Numeric flags in range, before any work is done."""
     if args.batches < 2:
         raise ReportError(f"--batches must be >= 2 for a standard deviation (got {args.batches})")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ReportError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
     if args.seed is not None and not 0 <= args.seed < 2**32 - 1000:  # numpy seeds seed + epoch
         raise ReportError(f"--seed must be in [0, 2**32 - 1000) (got {args.seed})")
+
+
+def _check_writable(out: str) -> None:
+    """--out can be created and written (root ignores file modes: so write, not ask)."""
     probe = os.path.join(out, ".write-test")
     try:
         os.makedirs(out, exist_ok=True)
@@ -433,6 +443,8 @@ def _run_config(state: Dict, path: str, data_bin: str):
     # --gradinit-load file that may have moved since: the task only builds here.
     if "gradinit" in cfg.task:
         cfg.task.gradinit, cfg.task.gradinit_load = False, None
+        if "gradinit_only" in cfg.task:
+            cfg.task.gradinit_only = False
     return cfg
 
 

@@ -496,18 +496,23 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
     samples, per_epoch = [], None
     # As fairseq's trainer, sentences longer than a batch holds are skipped (not asserted).
     batch_iterator = getattr(task, "unchecked_batch_iterator", task.get_batch_iterator)
+    limit = f" of at most {max_tokens} tokens (--max-tokens)" if max_tokens else ""
+    none = ReportError(f"the training set '{subset}' gives no batches{limit}: are all its sentences longer?")
     for epoch in itertools.count(1):
-        itr = batch_iterator(
-            dataset=task.dataset(subset),
-            max_tokens=max_tokens,
-            max_sentences=max_sentences,
-            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions(), max_tokens),
-            ignore_invalid_inputs=True,
-            required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
-            seed=seed,
-            epoch=epoch,
-            disable_iterator_cache=True,
-        ).next_epoch_itr(shuffle=True)
+        try:
+            itr = batch_iterator(
+                dataset=task.dataset(subset),
+                max_tokens=max_tokens,
+                max_sentences=max_sentences,
+                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions(), max_tokens),
+                ignore_invalid_inputs=True,
+                required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
+                seed=seed,
+                epoch=epoch,
+                disable_iterator_cache=True,
+            ).next_epoch_itr(shuffle=True)
+        except IndexError:  # fairseq's batch_by_size when every sentence was filtered out
+            raise none from None
         for sample in itr:
             if sample:  # fairseq yields {} for an empty shard
                 samples.append(sample)
@@ -520,8 +525,7 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
                     )
                 return samples
         if not samples:
-            limit = f" of at most {max_tokens} tokens (--max-tokens)" if max_tokens else ""
-            raise ReportError(f"the training set '{subset}' gives no batches{limit}: are all its sentences longer?")
+            raise none
         per_epoch = per_epoch or len(samples)
 
 

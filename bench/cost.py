@@ -6,12 +6,16 @@
 For each model, four modes run in separate child processes on the same real batches
 (so that each peak memory is its own): a training step (forward, backward, Adam step,
 dropout on), a GradInit iteration in the objective branch, one in the constraint branch
-(the default finite-difference Hessian-vector product) and one in the constraint branch
-with --gradinit-second-order autograd (eval mode, the default GradInit batch: one
-training batch of --max-tokens split into S and S~, 2/3 of it each).
-Times are medians over --repeats after --warmup iterations; memory is the child's peak
-(CPU: max RSS of the whole process; GPU: torch.cuda.max_memory_allocated). Everything
-is printed as a ratio to the training step, with the targets from the project's issue.
+(the default: exact Hessian-vector product over --gradinit-hvp-chunks micro-batches of
+S) and one in the constraint branch with --gradinit-second-order autograd (eval mode,
+the default GradInit batch: one training batch of --max-tokens split into S and S~,
+2/3 of it each). A fifth child compares the two constraint gradients on each GradInit
+batch: the share of scales whose gradient, clamped at --gradinit-grad-clip 1 as the
+constraint step clamps it, has the same sign (the lowest over the batches), and the
+cosine of the clamped gradients. Times are medians over --repeats after --warmup
+iterations; memory is the child's peak (CPU: max RSS of the whole process; GPU:
+torch.cuda.max_memory_allocated). Everything is printed as a ratio to the training
+step, with the targets from the project's issue.
 """
 import argparse
 import json
@@ -46,12 +50,17 @@ MODELS = {
         "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
     ],
 }  # fmt: skip
-#: constraint: the default finite-difference Hessian-vector product; autograd: the exact
-#: double backward (--gradinit-second-order autograd).
-MODES = ("train", "objective", "constraint", "autograd")
+#: constraint: the default Hessian-vector product over micro-batches; autograd: the
+#: double backward through the whole batch (--gradinit-second-order autograd);
+#: agreement: the two constraint gradients compared (no timing).
+MODES = ("train", "objective", "constraint", "autograd", "agreement")
 TARGETS = {"objective": 1.6, "constraint": 2.5, "autograd": 2.5}
 MEMORY_TARGET = 1.3
+AGREEMENT_TARGET = 0.95
+#: a clamped scale gradient below this fraction of the largest counts as zero
+ROUNDING = 1e-6
 PAPER_ITERS, PAPER_UPDATES = 780, 100_000
+START = time.perf_counter()
 
 
 def main():
@@ -62,6 +71,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", help="where to write the table; default: bench/results/cost-<device>.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # mode:model, run by this script
     args = parser.parse_args()
     if args.child:
@@ -71,7 +81,7 @@ def main():
     for model in args.models.split(","):
         results = {mode: run_child(args, data, mode, model) for mode in MODES}
         rows.append((model, results))
-    report(rows, args)
+        report(rows, args, final=model == args.models.split(",")[-1])  # a table after each model
 
 
 def run_child(args, data, mode, model) -> dict:
@@ -82,7 +92,10 @@ def run_child(args, data, mode, model) -> dict:
     if proc.returncode != 0:
         sys.exit(f"bench/cost.py: {mode} on {model} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {model:6s} {mode:10s} median {result['seconds']:.3f}s  peak {result['peak_mb']:.0f} MB", flush=True)
+    if mode == "agreement":
+        print(f"  {model:6s} {mode:10s} {result['agreement']:.1%} of signs, cosine {result['cosine']:.5f}", flush=True)
+    else:
+        print(f"  {model:6s} {mode:10s} median {result['seconds']:.3f}s  peak {result['peak_mb']:.0f} MB", flush=True)
     return result
 
 
@@ -96,6 +109,9 @@ def child(args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     n = args.warmup + args.repeats
+    if mode == "agreement":
+        print(json.dumps(agreement(model, criterion, batches["gradinit"][:n])))
+        return
     times = train_times(model, criterion, batches["train"], n) if mode == "train" else \
         gradinit_times(model, criterion, batches["gradinit"], n, mode)  # fmt: skip
     seconds = statistics.median(times[args.warmup :])
@@ -155,23 +171,51 @@ def train_times(model, criterion, batches, n):
     return times
 
 
+def loss_of(criterion):
+    def loss_fn(m, sample):  # as the plugin's hook calls the criterion
+        loss, sample_size, _ = criterion(m, sample)
+        return loss, sample_size
+
+    return loss_fn
+
+
 def gradinit_times(model, criterion, pairs, n, mode):
     import math
 
-    from fairseq_gradinit.core import GradInitSettings, gradinit
+    from fairseq_gradinit.core import AUTOGRAD, HVP, GradInitSettings, gradinit
 
     gamma = math.inf if mode == "objective" else 1e-12  # force the branch
-    second_order = "autograd" if mode == "autograd" else "finite-difference"
+    second_order = AUTOGRAD if mode == "autograd" else HVP
     settings = GradInitSettings(iters=n, eta=5e-4, target="adam", gamma=gamma, second_order=second_order)
     stamps = [_now()]
-
-    def loss_fn(m, sample):
-        loss, sample_size, _ = criterion(m, sample)
-        return loss / sample_size
+    loss_fn = loss_of(criterion)
 
     result = gradinit(model, loss_fn, pairs, settings, on_iteration=lambda r: stamps.append(_now()))
     assert all(r.branch == ("objective" if mode == "objective" else "constraint") for r in result.history)
     return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def agreement(model, criterion, pairs):
+    """Default (hvp) vs autograd constraint gradient on each batch's S, clamped at 1 as
+    the constraint step clamps it: the share of same signs and the cosine, worst batch."""
+    import torch
+
+    from fairseq_gradinit.core import AUTOGRAD, HVP, GradInitSettings, norm_gradient
+
+    same, cosine, zero = [], [], []
+    for s, _ in pairs:
+        grads = {
+            mode: norm_gradient(model, loss_of(criterion), s, GradInitSettings(second_order=mode)).clamp(-1, 1)
+            for mode in (HVP, AUTOGRAD)
+        }
+        hvp, exact = grads[HVP], grads[AUTOGRAD]
+        # Scales whose gradient is zero but for float32 rounding (the key biases: softmax
+        # ignores a constant added to every key's score) have no sign to agree on.
+        counted = torch.maximum(hvp.abs(), exact.abs()) > ROUNDING * exact.abs().max()
+        same.append((hvp.sign() == exact.sign())[counted].double().mean().item())
+        zero.append(int((~counted).sum()))
+        cosine.append(torch.nn.functional.cosine_similarity(hvp, exact, dim=0).item())
+    return {"agreement": min(same), "cosine": min(cosine), "scales": len(hvp), "zero": max(zero), "batches": len(pairs)}
 
 
 def _now():
@@ -182,13 +226,32 @@ def _now():
     return time.perf_counter()
 
 
-def report(rows, args):
-    print(f"\nGradInit cost, {args.device}, --max-tokens {args.max_tokens}, median of {args.repeats} "
+def report(rows, args, final=True):
+    """Write the table to --out (and print it at the end)."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        table(rows, args)
+    if final:
+        print("\n" + text.getvalue(), end="")
+    out = Path(args.out or ROOT / "bench" / "results" / f"cost-{args.device}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.getvalue())
+    print(f"wrote {out}")
+
+
+def table(rows, args):
+    from fairseq_gradinit.core import GradInitSettings
+
+    chunks = GradInitSettings().hvp_chunks
+    print(f"GradInit cost, {args.device}, --max-tokens {args.max_tokens}, median of {args.repeats} "
           f"after {args.warmup} warm-up (ratios to one training step)\n")  # fmt: skip
-    print("| model | params | train step | objective iter | constraint iter | constraint iter, autograd | "
-          "peak mem: objective | peak mem: constraint | peak mem: constraint, autograd | "
-          "GradInit share of 780 iters + 100k updates |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | params | train step | objective iter | constraint iter (default: hvp, {chunks} chunks) | "
+          "constraint iter, autograd | peak mem: objective | peak mem: constraint | peak mem: constraint, autograd | "
+          "constraint sign agreement hvp vs autograd, clamped (cosine) | GradInit share of 780 iters + 100k updates |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, r in rows:
         train = r["train"]
 
@@ -199,14 +262,20 @@ def report(rows, args):
 
         share = PAPER_ITERS * r["objective"]["seconds"]
         share /= share + PAPER_UPDATES * train["seconds"]
+        agree = r["agreement"]
+        mark = " ok" if agree["agreement"] >= AGREEMENT_TARGET else f" MISSES {AGREEMENT_TARGET:.0%}"
         print(f"| {model} | {train['params'] / 1e6:.1f}M | {train['seconds']:.3f}s, {train['peak_mb']:.0f} MB "
               f"| {ratio('objective', target=TARGETS['objective'])} "
               f"| {ratio('constraint', target=TARGETS['constraint'])} "
               f"| {ratio('autograd', target=TARGETS['autograd'])} "
               f"| {ratio('objective', 'peak_mb', MEMORY_TARGET)} "
               f"| {ratio('constraint', 'peak_mb', MEMORY_TARGET)} "
-              f"| {ratio('autograd', 'peak_mb', MEMORY_TARGET)} | {share:.2%} |")  # fmt: skip
-    print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)}")
+              f"| {ratio('autograd', 'peak_mb', MEMORY_TARGET)} "
+              f"| {agree['agreement']:.1%}{mark} ({agree['cosine']:.4f}; {agree['scales']} scales, "
+              f"{agree['zero']} zero but for rounding; lowest of {agree['batches']} batches) | {share:.2%} |")  # fmt: skip
+    seconds = time.perf_counter() - START
+    print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)} "
+          f"(whole bench: {seconds / 60:.0f} min)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from multi30k import prepare_multi30k  # noqa: E402
 
 METHODS = ("vanilla", "warmup", "gradinit", "preln")
+
+#: Share of the initial l1 gradient norm below which a scale counts as "pinned at the
+#: floor": within 1% of --gradinit-min-scale.
+FLOOR_SLACK = 1.01
 
 #: Model and schedule of each scale. "cpu" is issue 7's setting (6+6 layers, 256 wide, 4
 #: heads, FFN 1024, dropout 0.1); "iwslt" is the paper's model and regularization.
@@ -74,19 +79,31 @@ def main(argv=None):
     p.add_argument("--gradinit-iters", type=int)
     p.add_argument("--gradinit-lr", type=float)
     p.add_argument("--gradinit-eta", type=float, help="virtual step of GradInit (default: the plugin's, = lr)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                   help="a further GradInit run 'gradinit-LABEL' with these extra fairseq flags "
+                   "(e.g. ref=\"--gradinit-gamma 480\"); repeatable. Add it to --methods too, or it "
+                   "is appended to them")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (a GPU machine takes several)")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--model-args", help="fairseq model flags replacing the scale's (a Post-LN arch; "
                    "preln adds --encoder/decoder-normalize-before)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is there")
     p.add_argument("--no-bleu", action="store_true", help="skip beam search on the test set")
     p.add_argument("--fresh", action="store_true", help="run everything again")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: write the tables from the runs under --out that finished")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
     a = p.parse_args(argv)
     for key, value in SCALES[a.scale].items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
     methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    try:
+        a.variants = dict(_parse_variant(v) for v in a.variant)
+    except ValueError as e:
+        p.error(f"--variant: {e}")
+    methods += [m for m in a.variants if m not in methods]
+    unknown = [m for m in methods if m not in METHODS and m not in a.variants]
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     import torch
@@ -98,10 +115,12 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    results = []
-    for seed in range(1, a.seeds + 1):
-        for method in methods:
-            results.append(run(method, seed, data, out / f"{method}-seed{seed}", a))
+    jobs = [(method, seed) for seed in range(1, a.seeds + 1) for method in methods]
+    if a.collect:
+        results = [r for m, s in jobs if (r := finished(out / f"{m}-seed{s}"))]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each run is its own process
+            results = list(pool.map(lambda job: run(job[0], job[1], data, out / f"{job[0]}-seed{job[1]}", a), jobs))
     summary = write_outputs(results, out, a)
     print(summary)
 
@@ -111,7 +130,7 @@ def fairseq_command(method, seed, data, save_dir, a):
     if method == "preln":
         model += ["--encoder-normalize-before", "--decoder-normalize-before"]
     warmup = a.warmup if method == "warmup" else 0
-    cmd = [str(ROOT / ".venv" / "bin" / "fairseq-train"), str(data),
+    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data),
            "--user-dir", str(ROOT / "fairseq_gradinit"), *model, "--share-all-embeddings",
            "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", str(a.lr), "--clip-norm", "0",
            "--lr-scheduler", "polynomial_decay", "--power", "1", "--warmup-updates", str(warmup),
@@ -121,10 +140,11 @@ def fairseq_command(method, seed, data, save_dir, a):
            "--log-format", "json", "--log-interval", str(a.interval), "--no-progress-bar",
            "--validate-interval-updates", str(a.interval), "--validate-interval", "1000000",
            "--save-interval", "1000000", "--no-epoch-checkpoints", "--save-dir", str(save_dir)]  # fmt: skip
-    if method == "gradinit":
+    if method == "gradinit" or method in getattr(a, "variants", {}):
         cmd += ["--gradinit", "--gradinit-iters", str(a.gradinit_iters), "--gradinit-lr", str(a.gradinit_lr)]
         if a.gradinit_eta is not None:
             cmd += ["--gradinit-eta", str(a.gradinit_eta)]
+        cmd += getattr(a, "variants", {}).get(method, [])  # later flags win in argparse
     if a.cpu:
         cmd.append("--cpu")
     return cmd
@@ -152,7 +172,7 @@ def run(method, seed, data, save_dir, a) -> dict:
     seconds = time.time() - start
     curves = parse_log(save_dir / "train.log")
     result = {"method": method, "seed": seed, "exit_code": proc.returncode,
-              "seconds": round(seconds, 1), **curves}  # fmt: skip
+              "seconds": round(seconds, 1), **curves, **scales_summary(save_dir)}  # fmt: skip
     if proc.returncode != 0:
         print(f"{save_dir.name}: fairseq-train exited with {proc.returncode}; see {save_dir / 'train.log'}")
     elif not a.no_bleu:
@@ -164,6 +184,12 @@ def run(method, seed, data, save_dir, a) -> dict:
     last = result["valid"][-1] if result["valid"] else None
     print(f"{save_dir.name}: {seconds:.0f}s, final valid loss {last and last[1]}, BLEU {result.get('bleu')}", flush=True)
     return result
+
+
+def finished(save_dir: Path):
+    """A run's result.json, if it finished; for --collect."""
+    done = save_dir / "result.json"
+    return json.loads(done.read_text()) if done.is_file() else None
 
 
 def parse_log(path: Path) -> dict:
@@ -187,6 +213,27 @@ def parse_log(path: Path) -> dict:
         elif name == "valid":
             valid.append((int(stats["valid_num_updates"]), _float(stats["valid_loss"])))
     return {"train": train, "valid": sorted(set(valid)), "gradinit": gradinit}
+
+
+def scales_summary(save_dir: Path) -> dict:
+    """What GradInit did, from the run's gradinit_scales.json: branch counts and the
+    tensors it scaled down most or pinned at the lower bound (empty without GradInit)."""
+    path = save_dir / "gradinit_scales.json"
+    if not path.is_file():
+        return {}
+    payload = json.loads(path.read_text())
+    scales, settings = payload["scales"], payload.get("settings", {})
+    floor = settings.get("min_scale", 0.01) * FLOOR_SLACK
+    weights = {n: v for n, v in scales.items() if not n.endswith(".bias")}
+    return {
+        "constraint_iterations": payload.get("constraint_iterations"),
+        "gradinit_iterations": payload.get("iterations"),
+        "gamma": payload.get("gamma"),
+        "gradinit_seconds": payload.get("seconds"),
+        "floor": sorted(n for n, v in weights.items() if v <= floor),
+        "lowest": sorted(weights.items(), key=lambda kv: kv[1])[:8],
+        "highest": sorted(weights.items(), key=lambda kv: -kv[1])[:4],
+    }
 
 
 def bleu(save_dir: Path, data: Path, a):
@@ -220,6 +267,18 @@ def write_outputs(results, out: Path, a) -> str:
     sigs = {r["bleu"]["signature"] for r in results if r.get("bleu")}
     lines += ["", *(f"BLEU: sacrebleu, {s}" for s in sigs)]
     lines += [f"{r['method']}-seed{r['seed']}: {r['gradinit']}" for r in results if r.get("gradinit")]
+    gi = [m for m in methods if any(r.get("constraint_iterations") is not None for r in results if r["method"] == m)]
+    if gi:
+        lines += ["", "| GradInit run | constraint steps (per seed) | weight tensors at the floor (per seed) | GradInit seconds |",
+                  "|---|---|---|---|"]
+        for m in gi:
+            runs = [r for r in results if r["method"] == m and r.get("gradinit_iterations")]
+            steps = ", ".join(f"{r['constraint_iterations']}/{r['gradinit_iterations']}" for r in runs)
+            floors = ", ".join(str(len(r["floor"])) for r in runs)
+            lines.append(f"| {m} | {steps} | {floors} | {_mean_std([r['gradinit_seconds'] for r in runs], 0)} |")
+    pinned = [f"{r['method']}-seed{r['seed']}: {len(r['floor'])} at the floor: {', '.join(r['floor'])}"
+              for r in results if r.get("floor")]
+    lines += ["", "Weight tensors GradInit pinned at --gradinit-min-scale:", "", *pinned] if pinned else []
     lines += ["", verdict(results, steps), "", "command: " + " ".join(["bench/stability.py", *sys.argv[1:]])]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
@@ -265,6 +324,13 @@ def plot(results, methods, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _parse_variant(text):
+    label, sep, flags = text.partition("=")
+    if not sep or not label.strip():
+        raise ValueError(f"{text!r} is not LABEL=FLAGS")
+    return "gradinit-" + label.strip(), flags.split()
 
 
 def _float(text) -> float:

@@ -29,11 +29,9 @@ from .selection import BIAS, select_tensors
 
 ADAM, SGD = "adam", "sgd"
 OBJECTIVE, CONSTRAINT = "objective", "constraint"
-FINITE_DIFFERENCE, AUTOGRAD = "finite-difference", "autograd"
-
-#: Size of the finite-difference step of the constraint branch, relative to the
-#: parameters: the weights move by this fraction of their l2 norm.
-FD_STEP = 1e-4
+#: How the constraint branch differentiates ||g||_p: an exact Hessian-vector product over
+#: micro-batches of S (default), or the double backward of the whole graph of S.
+HVP, AUTOGRAD = "hvp", "autograd"
 
 
 class GradInitError(ValueError):
@@ -52,8 +50,9 @@ class GradInitSettings:
     eta: learning rate of the target optimizer's first step (eta).
     target: the optimizer the initialization is tuned for, "adam" or "sgd" (A). It picks
         the gradient norm (l1 for Adam, l2 for SGD) and the virtual step
-        (sign(g) for Adam, g/||g||_2 for SGD).
-    gamma: bound on the gradient norm (gamma); above it a step lowers the norm.
+        (sign(g) for Adam, gamma * g/||g||_2 for SGD, paper 3.5).
+    gamma: bound on the gradient norm (gamma); above it a step lowers the norm. An SGD
+        target needs a finite gamma (or ``gamma_factor``): it is also the SGD step's length.
     gamma_factor: if set, gamma is this multiple of the gradient norm at the first
         iteration instead (a bound that scales with the model; ``gamma`` is ignored).
     lr: Adam learning rate of the scales (tau).
@@ -61,10 +60,14 @@ class GradInitSettings:
     grad_clip: each scale's gradient is clamped to [-grad_clip, grad_clip].
     min_scale, max_scale: bounds of weight scales (alpha lower bound 0.01 in the paper).
     min_bias_scale: lower bound of bias scales (beta lower bound, 0 in the paper).
-    second_order: how the constraint branch differentiates ||g||_p through g:
-        "finite-difference" (default) takes a Hessian-vector product from one more
-        first-order pass; "autograd" builds the double-backward graph (exact, about
-        twice the memory, and attention runs its slow math kernel).
+    second_order: how the constraint branch differentiates ||g||_p through g. Both are
+        exact. "hvp" (default): after the first-order pass on S, the Hessian-vector
+        product H v (v = sign(g) for l1, g/||g||_2 for l2) by double backward of g . v
+        over ``hvp_chunks`` micro-batches of S, whose results add up exactly; only that
+        pass runs attention on its math kernel. "autograd": the double backward of
+        ||g||_p through the whole graph of S (the reference; more memory, and every
+        forward on S uses the math kernel while the constraint may act).
+    hvp_chunks: micro-batches of S for "hvp" (more: less memory, a little more time).
     """
 
     iters: int = 780
@@ -78,7 +81,8 @@ class GradInitSettings:
     min_scale: float = 0.01
     max_scale: float = math.inf
     min_bias_scale: float = 0.0
-    second_order: str = FINITE_DIFFERENCE
+    second_order: str = HVP
+    hvp_chunks: int = 2
 
     def validate(self) -> "GradInitSettings":
         """Raise ``GradInitError`` naming the first setting that is out of range."""
@@ -87,6 +91,8 @@ class GradInitSettings:
             ("eta", _finite_positive(self.eta), "a finite number > 0"),
             ("target", self.target in (ADAM, SGD), f"'{ADAM}' or '{SGD}'"),
             ("gamma", self.gamma > 0 and not math.isnan(self.gamma), "> 0 (inf disables the bound)"),
+            ("gamma", self.target != SGD or math.isfinite(self.gamma) or self.gamma_factor is not None,
+             "finite for an SGD target (the virtual SGD step is gamma * g/||g||_2, paper 3.5)"),
             ("gamma_factor", self.gamma_factor is None or _finite_positive(self.gamma_factor), "a finite number > 0"),
             ("lr", _finite_positive(self.lr), "a finite number > 0"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
@@ -94,7 +100,8 @@ class GradInitSettings:
             ("min_scale", _finite_positive(self.min_scale), "a finite number > 0"),
             ("max_scale", self.max_scale >= self.min_scale, f">= the min scale ({self.min_scale})"),
             ("min_bias_scale", 0 <= self.min_bias_scale <= self.max_scale, "in [0, max scale]"),
-            ("second_order", self.second_order in (FINITE_DIFFERENCE, AUTOGRAD), f"'{FINITE_DIFFERENCE}' or '{AUTOGRAD}'"),
+            ("second_order", self.second_order in (HVP, AUTOGRAD), f"'{HVP}' or '{AUTOGRAD}'"),
+            ("hvp_chunks", isinstance(self.hvp_chunks, int) and self.hvp_chunks >= 1, "an integer >= 1"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -185,8 +192,14 @@ def gradinit(
     Args:
         model: any module. It is put in eval mode (no dropout) while GradInit runs and
             its train/eval mode is restored afterwards.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss over the batch's samples.
-            It is called with the model evaluated at substituted (scaled) tensors.
+        loss_fn: ``loss_fn(model, batch)`` returns the mean loss over the batch's
+            samples, or a pair ``(total, size)`` whose quotient is that mean, ``total``
+            being a sum over the samples (fairseq: summed token losses and the token
+            count). The constraint step splits S into micro-batches (``hvp_chunks``) and
+            weights each by its share of the loss: by ``total / size of S`` for a pair,
+            by its share of the samples for a plain mean, which is exact only if the
+            loss is a mean over samples. It is called with the model evaluated at
+            substituted (scaled) tensors.
         batches: yields ``(S, S_tilde)`` pairs, one per iteration (see ``split_batch``).
         settings: hyper-parameters, see ``GradInitSettings``.
         scaled: ``{name: "weight" | "bias"}``, the tensors to scale; default
@@ -292,6 +305,35 @@ def apply_scales(model: nn.Module, scales: Dict[str, float]) -> None:
             p.mul_(torch.tensor(value, dtype=torch.float32).to(p.dtype))
 
 
+def norm_gradient(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Any],
+    s: Any,
+    settings: GradInitSettings = GradInitSettings(),
+    scaled: Optional[Dict[str, str]] = None,
+) -> torch.Tensor:
+    """d||g(S)||_p / dm at m = 1, computed as ``settings.second_order`` says (unclamped).
+
+    The gradient a constraint step of the first iteration starts from; for comparing the
+    second-order methods with each other (bench/cost.py, tests). Order of ``scaled``.
+    """
+    settings = GradInitSettings(**{**settings.as_dict(), "gamma": 1e-30, "gamma_factor": None}).validate()
+    scaled = select_tensors(model) if scaled is None else dict(scaled)
+    names = list(scaled)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    base = {n: p.detach() if n in scaled else p.detach().requires_grad_() for n, p in params.items()}
+    scales = torch.ones(len(names), device=next(iter(base.values())).device, requires_grad=True)
+    was_training = model.training
+    model.eval()
+    try:
+        record = _iteration(1, _Objective(model, loss_fn), base, names, scales, s, s, settings,
+                            lambda tensors: None, gamma=settings.gamma)  # fmt: skip
+    finally:
+        model.train(was_training)
+    assert record.branch == CONSTRAINT
+    return scales.grad.detach()
+
+
 class _Objective(nn.Module):
     """Lets ``functional_call`` substitute the model's tensors inside any loss function."""
 
@@ -320,23 +362,22 @@ def _iteration(
     t, objective, base, names, scales, s, s_tilde, settings, reduce, gamma, gamma_factor=None,
     expect_constraint=False,
 ):
-    theta = dict(base)
-    for i, n in enumerate(names):
-        theta[n] = scales[i] * base[n]
+    theta = _scaled(base, names, scales)
     flat = list(theta.values())
-    exact = settings.second_order == AUTOGRAD
+    whole_graph = settings.second_order == AUTOGRAD
 
     # Fused attention kernels have no double backward and the kernel is chosen at
-    # forward time: use the math kernel whenever the autograd constraint step may follow.
-    with _math_attention() if exact and math.isfinite(gamma) else contextlib.nullcontext():
-        loss_s = objective.loss(theta, s)
+    # forward time: with "autograd", use the math kernel whenever the constraint may act.
+    may_bind = math.isfinite(gamma) or gamma_factor is not None
+    with _math_attention() if whole_graph and may_bind else contextlib.nullcontext():
+        loss_s, size_s = _mean_loss(objective.loss(theta, s))
     loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
-    # The double-backward graph is built only when the constraint branch is expected
-    # (it ran last iteration); otherwise first order, and a second pass if needed.
+    # "autograd" builds the double-backward graph only when the constraint branch is
+    # expected (it ran last iteration); otherwise first order, and a second pass if needed.
     grads = torch.autograd.grad(
-        loss_s, flat, retain_graph=exact, create_graph=exact and expect_constraint, allow_unused=True
+        loss_s, flat, retain_graph=whole_graph, create_graph=whole_graph and expect_constraint, allow_unused=True
     )
-    grads_with_graph = grads if exact and expect_constraint else None
+    grads_with_graph = grads if whole_graph and expect_constraint else None
     grads = _dense([None if g is None else g.detach() for g in grads], flat)
     reduce(grads)
     grad_norm = _check_finite(_norm(grads, settings.norm_order), "gradient norm", t)
@@ -345,23 +386,23 @@ def _iteration(
         gamma = gamma_factor * grad_norm
     if grad_norm > gamma:
         # Constraint branch: a step on the scales that lowers ||g(S; theta_m)||_p.
-        if exact:
+        if whole_graph:
             if grads_with_graph is None:
                 grads_with_graph = torch.autograd.grad(loss_s, flat, create_graph=True, allow_unused=True)
             norm = _norm([g for g in grads_with_graph if g is not None], settings.norm_order)
             (scales.grad,) = torch.autograd.grad(norm, scales)
         else:
             del loss_s
-            hv = _hessian_vector_product(objective, theta, grads, s, settings.norm_order, reduce)
-            scales.grad = torch.stack([(hv[n] * base[n]).sum() for n in names]).to(scales.dtype)
+            v = _norm_direction(grads, settings.norm_order)
+            scales.grad = _hessian_vector_product(objective, base, names, scales, s, size_s, v, settings.hvp_chunks)
         branch, loss_tilde_value = CONSTRAINT, None
     else:
         # Objective branch: the loss on S~ after one virtual step of the target
         # optimizer, the step direction A[g] held constant (paper, section 3.4).
         del loss_s, grads_with_graph  # frees the graph of S before the second forward
-        direction = _step_direction(grads, settings.target)
+        direction = _step_direction(grads, settings.target, gamma)
         stepped = {n: p - settings.eta * d for (n, p), d in zip(theta.items(), direction)}
-        loss_tilde = objective.loss(stepped, s_tilde)
+        loss_tilde, _ = _mean_loss(objective.loss(stepped, s_tilde))
         loss_tilde_value = _check_finite(loss_tilde, "loss on S~ after the virtual step", t, reduce)
         (scales.grad,) = torch.autograd.grad(loss_tilde, scales)
         branch = OBJECTIVE
@@ -370,26 +411,63 @@ def _iteration(
     return IterationRecord(t, branch, loss_s_value, loss_tilde_value, grad_norm, gamma, nan, nan, nan)
 
 
-def _hessian_vector_product(objective, theta, grads, s, order, reduce) -> Dict[str, torch.Tensor]:
-    """H v for v = d||g||_p / dg, by a forward difference of gradients.
+def _scaled(base, names, scales) -> Dict[str, torch.Tensor]:
+    """theta_m: the selected tensors times their scales (in the graph), the others as they are."""
+    theta = dict(base)
+    for i, n in enumerate(names):
+        theta[n] = scales[i] * base[n]
+    return theta
 
-    The gradient of ||g(theta_m)||_p w.r.t. scale i is (H v)_i . base_i (theta_i =
-    m_i base_i, H symmetric), and H v ~ (g(theta + eps v) - g(theta)) / eps: one more
-    first-order pass on S instead of a double backward through it. v is sign(g) for
-    the l1 norm and g / ||g||_2 for l2; eps moves theta by FD_STEP of its l2 norm.
-    """
-    point = {n: p.detach() for n, p in theta.items()}
+
+def _norm_direction(grads, order) -> List[torch.Tensor]:
+    """v = d||g||_p / dg: sign(g) for the l1 norm, g/||g||_2 for l2."""
     if order == 1:
-        v = [g.sign() for g in grads]
-    else:
-        l2 = _norm(grads, 2)
-        v = [g / l2 for g in grads]
-    eps = FD_STEP * _norm(list(point.values()), 2) / _norm(v, 2).clamp_min(1e-30)
-    shifted = {n: (p + eps * d).requires_grad_() for (n, p), d in zip(point.items(), v)}
-    leaves = list(shifted.values())
-    shifted_grads = _dense(torch.autograd.grad(objective.loss(shifted, s), leaves, allow_unused=True), leaves)
-    reduce(shifted_grads)
-    return {n: (g2 - g) / eps for n, g, g2 in zip(point, grads, shifted_grads)}
+        return [g.sign() for g in grads]
+    l2 = _norm(grads, 2)
+    return [g / l2 for g in grads]
+
+
+def _hessian_vector_product(objective, base, names, scales, s, size_s, v, chunks) -> torch.Tensor:
+    """d||g(S; theta_m)||_p / dm, exactly, without the graph of the whole of S.
+
+    With v = d||g||_p/dg held at its value, d||g||_p/dm = d(g . v)/dm: the Hessian-vector
+    product H v seen through theta_m = m * base. g . v is linear in the loss, a sum over
+    the samples of S, so it is computed over ``chunks`` micro-batches of S, each
+    weighted by its share of the loss, and the results add up to the whole batch's. Only
+    one micro-batch's double-backward graph is alive at a time, and only this pass runs
+    attention on its math kernel (fused kernels have no double backward).
+    """
+    n = _batch_size(s)
+    total = torch.zeros_like(scales)
+    for rows in _chunk_slices(n, chunks):
+        theta = _scaled(base, names, scales)
+        flat = list(theta.values())
+        with _math_attention():
+            out = objective.loss(theta, _index(s, rows, n))
+        # a (total, size) loss is a sum over samples divided by S's size; a mean loss
+        # is a mean over samples, a micro-batch's share is its share of the samples.
+        part = out[0] / size_s if isinstance(out, tuple) else out * ((rows.stop - rows.start) / n)
+        grads = torch.autograd.grad(part, flat, create_graph=True, allow_unused=True)
+        dot = sum((g * d).sum() for g, d in zip(grads, v) if g is not None)
+        if torch.is_tensor(dot) and dot.requires_grad:
+            (grad,) = torch.autograd.grad(dot, scales, allow_unused=True)
+            if grad is not None:
+                total += grad.detach()
+        del theta, flat, out, part, grads, dot  # this micro-batch's graph, before the next one's
+    return total
+
+
+def _chunk_slices(n: int, chunks: int) -> List[slice]:
+    bounds = [round(i * n / min(chunks, n)) for i in range(min(chunks, n) + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _mean_loss(out) -> Tuple[torch.Tensor, Any]:
+    """(mean loss, size) from what ``loss_fn`` returned: a mean, or a (total, size) pair."""
+    if isinstance(out, tuple):
+        total, size = out
+        return total / size, size
+    return out, None
 
 
 def _dense(grads, tensors) -> List[torch.Tensor]:
@@ -403,13 +481,17 @@ def _norm(tensors: Sequence[torch.Tensor], order: int) -> torch.Tensor:
     return torch.stack([g.pow(2).sum() for g in tensors]).sum().sqrt()
 
 
-def _step_direction(grads: Sequence[torch.Tensor], target: str) -> List[torch.Tensor]:
-    """A[g] of the target optimizer's first step, as a constant (no graph)."""
+def _step_direction(grads: Sequence[torch.Tensor], target: str, gamma: float) -> List[torch.Tensor]:
+    """A[g] of the target optimizer's first step, as a constant (no graph).
+
+    Adam: sign(g). SGD: gamma * g/||g||_2, the normalised step of paper 3.5 (a step of
+    the constraint's length whatever the gradient's).
+    """
     if target == ADAM:
         # Adam's first update is g / (|g| + eps), i.e. sign(g) (Balles & Hennig, 2018).
         return [g.detach().sign() for g in grads]
     l2 = _norm(grads, 2).detach()
-    return [g.detach() / l2 for g in grads]
+    return [gamma * g.detach() / l2 for g in grads]
 
 
 def _check_finite(value: torch.Tensor, what: str, t: int, reduce=None) -> float:

@@ -31,7 +31,7 @@ from .core import GradInitError, GradInitResult, gradinit
 from .families import unsupported_reason
 from .fairseq_batches import sample_pairs
 from .models import wskip_parameter_names
-from .selection import select_tensors
+from .selection import select_tensors, unscaled_modules
 from .weights import fp32_model, scale_training_weights
 
 logger = logging.getLogger("fairseq_gradinit")
@@ -197,6 +197,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     """GradInit on a fairseq model; the model (and fp16 master weights) end up scaled."""
     cfg = task.gradinit_cfg
     scaled = select_tensors(model, extra_names=_wskip_extra(model, cfg))
+    _warn_unscaled(model, scaled)
     settings = gc.settings_from_config(cfg)
     max_tokens, max_sentences = gc.gradinit_max_tokens(cfg)
     rank, world = _data_parallel()
@@ -223,8 +224,9 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         progress.log(_stats(record), tag="gradinit", step=record.iteration)
 
     def loss_fn(m, sample):
+        # (summed loss, its normaliser): lets the constraint step weight micro-batches exactly
         loss, sample_size, _ = criterion(m, sample)
-        return loss / sample_size
+        return loss, sample_size
 
     result = gradinit(
         work, loss_fn, progress, settings, scaled, log,
@@ -249,7 +251,22 @@ def _wskip_extra(model, cfg):
     """w_skip vectors (transformer_wskip*) get GradInit scales only with --gradinit-wskip."""
     if not getattr(cfg, "gradinit_wskip", False):
         return []
-    return wskip_parameter_names(model)
+    names = wskip_parameter_names(model)
+    if names and not any(model.get_parameter(n).requires_grad for n in names):
+        raise GradInitError(
+            "--gradinit-wskip: the w_skip of this model are constants (--wskip-init "
+            f"{getattr(model, 'wskip_init', '?')}: DeepNet's fixed alpha), so GradInit has no "
+            "w_skip to scale; drop --gradinit-wskip"
+        )
+    return names
+
+
+def _warn_unscaled(model, scaled) -> None:
+    """One warning line naming the layers with trainable weights that get no scale
+    (w_skip vectors are left out on purpose unless --gradinit-wskip)."""
+    missed = unscaled_modules(model, scaled, ignore=wskip_parameter_names(model))
+    if missed:
+        logger.warning(f"GradInit: no scale for {len(missed)} modules with trainable weights: {'; '.join(missed)}")
 
 
 def check_lr_scheduler(cfg) -> None:

@@ -70,17 +70,20 @@ def test_parse_log_reads_fairseq_json_lines(tmp_path):
     assert parsed == {"train": [(25, 9.5)], "valid": [(25, 9.1)], "gradinit": "GradInit done in 1.0s: 0/3 iterations"}
 
 
-def test_cost_bench_prints_every_ratio_with_its_target(data_bin):
+def test_cost_bench_prints_every_ratio_with_its_target(data_bin, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "cost.py"), "--data", data_bin, "--models", "tiny",
-         "--max-tokens", "256", "--repeats", "1", "--warmup", "0"],
+         "--max-tokens", "256", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "cost.md")],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| tiny |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 10
+    assert len(cells) == 11
     ratios = cells[3:9]
     assert all(c.endswith(" ok") or "MISSES" in c for c in ratios), row
     assert all(float(c.split("x")[0]) > 0 for c in ratios)
-    assert cells[9].endswith("%")
+    agreement = float(cells[9].split("%")[0])
+    assert agreement >= 95 and " ok " in cells[9], row  # both exact: rounding only
+    assert cells[10].endswith("%")
+    assert row in (tmp_path / "cost.md").read_text()

@@ -1,5 +1,6 @@
 """The plugin from stock fairseq-train: the user's command, resume, --gradinit-only, bad input."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,12 +180,26 @@ def _setup_task(data_bin, *flags, command=USER_COMMAND):
         (["--gradinit-overlap", "-0.5"], "--gradinit-overlap"),
         (["--gradinit-betas", "(0.9)"], "--gradinit-betas"),
         (["--gradinit-max-tokens", "1"], "--gradinit-max-tokens"),
+        (["--gradinit-gamma-factor", "0"], "--gradinit-gamma-factor must be"),
+        (["--gradinit-gamma-factor", "0.04", "--gradinit-gamma", "1000"], "--gradinit-gamma-factor: cannot be given together with --gradinit-gamma"),
+        (["--gradinit-hvp-chunks", "0"], "--gradinit-hvp-chunks"),
     ],
 )
 def test_bad_flag_values_are_refused_at_setup_naming_the_flag(data_bin, flags, message):
     with pytest.raises(SystemExit) as e:
         _setup_task(data_bin, *flags)
     assert message in str(e.value)
+
+
+def test_gamma_is_absolute_with_gradinit_gamma_and_relative_with_gradinit_gamma_factor(data_bin):
+    from fairseq_gradinit.config import ADAM_GAMMA_FACTOR, settings_from_config
+
+    relative = settings_from_config(_setup_task(data_bin, "--gradinit-gamma-factor", "0.04").cfg)
+    assert (relative.gamma, relative.gamma_factor) == (math.inf, 0.04)
+    absolute = settings_from_config(_setup_task(data_bin, "--gradinit-gamma", "1000").cfg)
+    assert (absolute.gamma, absolute.gamma_factor) == (1000.0, None)
+    default = settings_from_config(_setup_task(data_bin).cfg)
+    assert (default.gamma_factor, default.second_order) == (ADAM_GAMMA_FACTOR, "hvp")
 
 
 def test_an_optimizer_of_unknown_first_step_asks_for_gradinit_optimizer(data_bin):

@@ -41,3 +41,23 @@ def test_without_a_master_copy_the_model_itself_is_scaled():
     before = model.weight.detach().clone()
     scale_training_weights(model, types.SimpleNamespace(), {"weight": 0.25})
     assert torch.equal(model.weight, before * 0.25)
+
+
+def test_the_hook_warns_once_naming_the_modules_left_without_a_scale(caplog):
+    from fairseq_gradinit.hook import _warn_unscaled
+    from fairseq_gradinit.selection import select_tensors
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(4))
+
+    model = nn.Sequential(nn.Linear(4, 4), Gain(), nn.LayerNorm(4))
+    with caplog.at_level("WARNING", logger="fairseq_gradinit"):
+        _warn_unscaled(model, select_tensors(model))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 (Gain: g)" in warnings[0] and "0 (" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fairseq_gradinit"):
+        _warn_unscaled(nn.Sequential(nn.Linear(4, 4)), select_tensors(nn.Sequential(nn.Linear(4, 4))))
+    assert not caplog.records

@@ -4,3 +4,4 @@ from .wskip_transformer import (  # noqa: F401
     wskip_layers,
     wskip_parameter_names,
 )
+from .tfixup_transformer import TFixupTransformerModel  # noqa: F401

@@ -7,9 +7,12 @@ size embed_dim, one per sublayer: the parametrisation of Admin (Liu et al. 2020,
 model computes exactly what fairseq's ``transformer`` computes.
 
 fairseq's layers are reused unchanged through their ``residual_connection(x, residual)``
-hook; only that hook is replaced. See ``--wskip-init`` for how w_skip starts
-(``ones``, or ``admin``: Admin's profiling initialization, run by the plugin before the
-first update, see ``fairseq_gradinit.admin_init``).
+hook; only that hook is replaced. See ``--wskip-init`` for how w_skip starts:
+``ones``; ``admin``, Admin's profiling initialization, run by the plugin before the first
+update (``fairseq_gradinit.admin_init``); ``admin-analytic``, Admin's closed form
+(``fairseq_gradinit.admin_analytic_init``); ``deepnet``, DeepNorm's constant alpha and
+beta-scaled weights (``fairseq_gradinit.deepnet_init``). The last two depend on the
+architecture only and run when the model is built.
 """
 from typing import Optional
 
@@ -24,14 +27,29 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 WSKIP_PREFIX = "w_skip_"
-WSKIP_INITS = ("ones", "admin")
+WSKIP_INITS = ("ones", "admin", "admin-analytic", "deepnet")
 
 
 class _StopForward(Exception):
     """Raised by a profiler to end a forward pass early (see admin_init)."""
 
 
-class WSkipLayerMixin:
+class NoFastPathMixin:
+    """Keeps a fairseq Transformer layer on its Python forward path.
+
+    fairseq 0.12.2 (not the fork installed here) sends eval-mode Post-LN encoder layers
+    loaded from a state dict through a fused kernel (torch's _transformer_encoder_layer_fwd)
+    that never calls residual_connection (so would ignore w_skip) and applies the layer's
+    LayerNorms (which LN-free layers replace). These attributes decide that path; pinning
+    them (setters ignore what fairseq assigns) keeps the slow path.
+    """
+
+    load_to_BT = property(lambda self: False, lambda self, value: None)
+    can_use_fastpath = property(lambda self: False, lambda self, value: None)
+    BT_version = property(lambda self: False, lambda self, value: None)
+
+
+class WSkipLayerMixin(NoFastPathMixin):
     """The residual connection ``w_skip * residual + x`` for a fairseq Transformer layer.
 
     Which sublayer is calling: fairseq's layer ``forward`` calls
@@ -79,14 +97,6 @@ class WSkipLayerMixin:
             self.wskip_profiler(self, name, x, residual, self._wskip_mask)
         # 1.0 * residual == residual exactly, so w_skip = 1 gives fairseq's residual + x.
         return getattr(self, WSKIP_PREFIX + name) * residual + x
-
-    # fairseq 0.12.2 (not the fork installed here) sends eval-mode Post-LN encoder layers
-    # loaded from a state dict through a fused kernel (torch's _transformer_encoder_layer_fwd)
-    # that never calls residual_connection and would ignore w_skip. These attributes decide
-    # that path; pinning them (setters ignore what fairseq assigns) keeps the slow path.
-    load_to_BT = property(lambda self: False, lambda self, value: None)
-    can_use_fastpath = property(lambda self: False, lambda self, value: None)
-    BT_version = property(lambda self: False, lambda self, value: None)
 
 
 class WSkipTransformerEncoderLayer(WSkipLayerMixin, TransformerEncoderLayerBase):
@@ -155,8 +165,11 @@ class WSkipTransformerModel(TransformerModel):
         super().add_args(parser)
         parser.add_argument(
             "--wskip-init", choices=WSKIP_INITS,
-            help="initial w_skip: ones (default; the plain Post-LN Transformer), or admin "
-            "(Admin's profiling initialization on a few training batches before the first update)",
+            help="initial w_skip: ones (default; the plain Post-LN Transformer); admin "
+            "(Admin's profiling initialization on a few training batches before the first "
+            "update); admin-analytic (Admin's closed form omega = sqrt((K+1)/ln(K+1) - 1), "
+            "K residual sublayers per stack, learnable); deepnet (DeepNorm: w_skip a "
+            "constant alpha, fc1/fc2/v_proj/out_proj Xavier-normal with gain beta)",
         )  # fmt: skip
 
     @classmethod
@@ -171,6 +184,18 @@ class WSkipTransformerModel(TransformerModel):
         args.wskip_init = getattr(args, "wskip_init", None) or "ones"
         model = super().build_model(args, task)
         model.wskip_init = args.wskip_init
+        # Inits that depend on the architecture only are part of building the model: they
+        # must hold whatever task builds it, and DeepNet's alpha must be frozen before
+        # fairseq collects the trainable parameters for its optimizer. (The init modules
+        # sit above the models, hence the imports here.)
+        if args.wskip_init == "deepnet":
+            from ..deepnet_init import deepnet_initialize
+
+            deepnet_initialize(model)
+        elif args.wskip_init == "admin-analytic":
+            from ..admin_analytic_init import admin_analytic_initialize
+
+            admin_analytic_initialize(model)
         return model
 
     @classmethod

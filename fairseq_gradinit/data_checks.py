@@ -2,8 +2,9 @@
 
 Stock fairseq 0.12 meets these inside its data code, with a traceback: a missing data
 directory (FileNotFoundError), an empty split ("cannot mmap an empty file"), a training
-split with no batch left after filtering ("The dataset is empty"; this includes 1-7
-sentences, since fairseq drops a batch smaller than --required-batch-size-multiple),
+split whose every sentence is filtered out by length (an IndexError in batch_by_size), a
+training split with no batch left ("The dataset is empty"; this includes 1-7 sentences,
+since fairseq drops a batch smaller than --required-batch-size-multiple),
 and a sentence longer than --max-tokens ("Sentences lengths should not exceed
 max_tokens"). The task calls these checks around fairseq's own loading and batching.
 """

@@ -2,6 +2,7 @@
 import itertools
 from typing import Iterator, Optional, Tuple
 
+import torch
 from fairseq import utils
 
 from .core import GradInitError, min_split_size, split_batch
@@ -10,14 +11,40 @@ from .core import GradInitError, min_split_size, split_batch
 def split_sample(sample: dict, overlap: float, pad: int) -> Tuple[dict, dict]:
     """Split a collated fairseq sample into (S, S~) sharing ``overlap`` of their sentences.
 
-    ``ntokens`` and ``nsentences`` are recounted so that criteria normalise each part by
-    its own size.
+    Each part is what fairseq's collater would have made of its sentences: columns that
+    are padding in every row of the part are dropped (fairseq's LSTM asserts that the
+    longest source fills the width), and ``ntokens`` and ``nsentences`` are recounted so
+    that criteria normalise each part by its own size.
     """
     parts = split_batch(sample, overlap)
     for part in parts:
+        _trim_padding(part, pad)
         part["nsentences"] = part["target"].size(0)
         part["ntokens"] = int(part["target"].ne(pad).sum())
     return parts
+
+
+def _trim_padding(part: dict, pad: int) -> None:
+    """Drop all-padding columns; tensors read position by position are trimmed alike.
+
+    Translation: the source alone, the decoder input with the target. Language
+    modelling: the input with the target.
+    """
+    net_input = part["net_input"]
+    groups = [["src_tokens"], ["prev_output_tokens", "target"]]
+    if "prev_output_tokens" not in net_input:
+        groups = [["src_tokens", "target"]]
+    for group in groups:
+        tensors = [net_input.get(k, part.get(k)) for k in group]
+        if not all(torch.is_tensor(t) and t.dim() == 2 and not t.is_floating_point() for t in tensors):
+            continue
+        if len({t.size(1) for t in tensors}) != 1:
+            continue
+        keep = torch.stack([t.ne(pad).any(0) for t in tensors]).any(0)
+        if bool(keep.all()):
+            continue
+        for k, t in zip(group, tensors):
+            (net_input if k in net_input else part)[k] = t[:, keep]
 
 
 def sample_pairs(
@@ -37,13 +64,16 @@ def sample_pairs(
     dataset = task.dataset(task.gradinit_cfg.train_subset)
     pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
+    # The task's checks name the training flags; GradInit's batches have flags of their own.
+    batch_iterator = getattr(task, "unchecked_batch_iterator", task.get_batch_iterator)
     for epoch in itertools.count(1):
         try:
-            itr = task.get_batch_iterator(
+            itr = batch_iterator(
                 dataset=dataset,
                 max_tokens=max_tokens,
                 max_sentences=max_sentences,
-                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+                # As fairseq's trainer: sentences longer than a batch holds are skipped.
+                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions(), max_tokens),
                 ignore_invalid_inputs=True,
                 seed=seed,
                 num_shards=num_shards,
@@ -53,20 +83,28 @@ def sample_pairs(
             ).next_epoch_itr(shuffle=True)
         except AssertionError as e:  # fairseq's batching: a sentence longer than a batch
             raise GradInitError(f"{e}; give GradInit a larger batch", "max_tokens") from None
-        batches = 0
+        batches, too_small = 0, None
         for sample in itr:
             if not sample:  # fairseq yields {} for a shard left without data
                 continue
-            batches += 1
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
             try:
                 parts = split_sample(sample, overlap, pad)
-            except GradInitError as e:
-                raise GradInitError(f"{e}. {_limits(max_tokens, max_sentences, overlap)}", e.setting) from None
+            except GradInitError as e:  # a batch too small to split: use the others
+                too_small = e
+                continue
+            batches += 1
             yield parts
         if batches == 0:
-            raise GradInitError(f"the training set '{task.gradinit_cfg.train_subset}' gives no batches")
+            limits = _limits(max_tokens, max_sentences, overlap)
+            if too_small is not None:
+                raise GradInitError(f"{too_small}. {limits}", too_small.setting)
+            raise GradInitError(
+                f"the training set '{task.gradinit_cfg.train_subset}' gives no GradInit batch: "
+                f"all its sentences are longer than a batch holds. {limits}",
+                "max_tokens",
+            )
 
 
 def _limits(max_tokens: Optional[int], max_sentences: Optional[int], overlap: float) -> str:

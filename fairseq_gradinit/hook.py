@@ -1,29 +1,34 @@
 """Runs GradInit once, before the first update of a fresh fairseq run.
 
 ``GradInitTaskMixin`` goes in front of any fairseq task class (see task.py). It
-checks the flags when the task is set up, notices when the model's weights come from
-a checkpoint (resume, --restore-file, --finetune-from-model: GradInit must not run on
-those), and at the first ``train_step`` of a fresh run hands the model, criterion and
-training batches to ``core.gradinit``, then writes the scales into the weights (and
-into the fp16 optimizer's fp32 master copy), the task state (so every checkpoint
-carries them) and ``<save-dir>/gradinit_scales.json``.
+checks the flags, the data and the model family when the task is set up, notices when
+the model's weights come from a checkpoint (resume, --restore-file,
+--finetune-from-model: GradInit must not run on those; the scales that checkpoint
+carries are kept, see state.py), and at the first ``train_step`` of a fresh run hands
+the model, criterion and training batches to ``core.gradinit``, then writes the scales
+into the weights (and into the fp16 optimizer's fp32 master copy), the task state (so
+every checkpoint carries them), the log, and ``<save-dir>/gradinit_scales.json``.
+
+Every failure inside fairseq's training loop ends the process with one line
+(``_ends_cleanly``); SIGINT/SIGTERM during GradInit end it at once (interrupts.py).
 """
+import contextlib
 import json
 import logging
 import math
 import os
-import sys
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from fairseq import checkpoint_utils
 from fairseq.logging import progress_bar
 from omegaconf import OmegaConf
 
 from . import config as gc
+from . import data_checks, interrupts, state
 from .admin_init import admin_initialize_for_training, wants_admin
 from .core import GradInitError, GradInitResult, gradinit
+from .families import unsupported_reason
 from .fairseq_batches import sample_pairs
 from .models import wskip_parameter_names
 from .selection import select_tensors, unscaled_modules
@@ -31,7 +36,7 @@ from .weights import fp32_model, scale_training_weights
 
 logger = logging.getLogger("fairseq_gradinit")
 
-STATE_KEY = "gradinit"
+STATE_KEY = state.STATE_KEY
 SCALES_JSON = "gradinit_scales.json"
 GRADINIT_CHECKPOINT = "checkpoint_gradinit.pt"
 LOG_INTERVAL = 10
@@ -44,10 +49,12 @@ class GradInitTaskMixin:
     def setup_task(cls, cfg, **kwargs):
         check_lr_scheduler(cfg)
         try:
+            check_flag_combinations(cfg)
             if cfg.gradinit:
                 gc.validate(cfg)
             if cfg.gradinit_load:
-                read_scales(cfg.gradinit_load)
+                read_scales(cfg.gradinit_load, cfg.gradinit_min_scale, cfg.gradinit_max_scale)
+            data_checks.check_data_dir(cfg)
         except GradInitError as e:
             fail(e)
         return super().setup_task(cfg, **kwargs)
@@ -66,58 +73,124 @@ class GradInitTaskMixin:
             self._weights_from_checkpoint = True
 
         model.register_load_state_dict_post_hook(loaded)
+        if self.gradinit_cfg.gradinit or self.gradinit_cfg.gradinit_load:
+            reason = unsupported_reason(model, getattr(cfg, "arch", None) or getattr(cfg, "_name", "?"))
+            if reason:
+                fail(reason)
         return model
+
+    def load_dataset(self, split, *args, **kwargs):
+        try:
+            data_checks.check_split_files(self.gradinit_cfg, split, kwargs.get("epoch", args[0] if args else 1))
+        except GradInitError as e:
+            fail(e)
+        return super().load_dataset(split, *args, **kwargs)
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's batches; data that gives none is one line naming the cause, up front."""
+        try:
+            data_checks.check_sentences(self, dataset, *args, **kwargs)
+            itr = super().get_batch_iterator(dataset, *args, **kwargs)
+            data_checks.check_batches(self, dataset, itr, *args, **kwargs)
+        except AssertionError:  # fairseq's batch_by_size: a sentence longer than a batch
+            fail(data_checks.too_long_message(self, dataset, *args, **kwargs))
+        except GradInitError as e:
+            fail(e)
+        return itr
+
+    def unchecked_batch_iterator(self, *args, **kwargs):
+        """fairseq's own get_batch_iterator, for GradInit's batches (fairseq_batches.py)."""
+        return super().get_batch_iterator(*args, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if not getattr(self, "_first_step_seen", False):
             # Flag first: with --update-freq N this method runs N times per update.
             self._first_step_seen = True
-            self._before_first_update(unwrap(model), criterion, optimizer, update_num)
+            with _ends_cleanly():
+                self._before_first_update(unwrap(model), criterion, optimizer, update_num)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def _before_first_update(self, model, criterion, optimizer, update_num):
         """Admin's w_skip profiling (--wskip-init admin), then GradInit, on fresh weights only."""
         cfg = self.gradinit_cfg
         fresh = update_num == 0 and not getattr(self, "_weights_from_checkpoint", False)
-        if fresh and wants_admin(model):
-            admin_initialize_for_training(self, model, optimizer)
-        if not (cfg.gradinit or cfg.gradinit_load):
+        if not fresh:
+            if cfg.gradinit_only:  # it never trains
+                fail(
+                    f"--gradinit-only: fairseq started from the weights in {_loaded_checkpoint(cfg) or 'a checkpoint'}"
+                    ", and GradInit runs on fresh weights only; nothing was written: give a "
+                    "--save-dir without checkpoints (and no --restore-file or --finetune-from-model)"
+                )
+            self._carry_scales_of_checkpoint(update_num)
             return
-        if fresh:
-            self._run_gradinit(model, criterion, optimizer)
-        else:
-            self._keep_scales_of_checkpoint(update_num)
+        with interrupts.stop_at_once():
+            if wants_admin(model):
+                admin_initialize_for_training(self, model, optimizer)
+            if cfg.gradinit or cfg.gradinit_load:
+                self._run_gradinit(model, criterion, optimizer)
 
     def _run_gradinit(self, model, criterion, optimizer):
+        cfg = self.gradinit_cfg
         try:
-            if self.gradinit_cfg.gradinit_load:
-                payload = load_scales(self.gradinit_cfg.gradinit_load, model, optimizer)
+            if cfg.gradinit_load:
+                payload = load_scales(cfg.gradinit_load, model, optimizer, cfg.gradinit_min_scale, cfg.gradinit_max_scale)
             else:
                 result = run_gradinit(self, model, criterion, optimizer)
-                payload = scales_payload(result, self.gradinit_cfg, model)
+                payload = scales_payload(result, cfg, model)
         except GradInitError as e:
             fail(e)
         self.state.merge_state_dict({STATE_KEY: payload})
-        if is_master():
-            _write_json(os.path.join(self.gradinit_cfg.save_dir, SCALES_JSON), payload)
-        if self.gradinit_cfg.gradinit_only:
-            path = os.path.join(self.gradinit_cfg.save_dir, GRADINIT_CHECKPOINT)
-            if is_master():
-                save_gradinit_checkpoint(path, self, model, criterion, optimizer)
+        # Before any file is written: a full disk must not lose what was computed.
+        logger.info(f"GradInit scales (a --gradinit-load file): {json.dumps({'scales': payload['scales']})}")
+        with interrupts.deferred():  # a signal now would leave half-written files
+            try:
+                if is_master():
+                    state.write_json(os.path.join(cfg.save_dir, SCALES_JSON), payload)
+                if cfg.gradinit_only:
+                    path = os.path.join(cfg.save_dir, GRADINIT_CHECKPOINT)
+                    if is_master():
+                        save_gradinit_checkpoint(path, self, model, criterion, optimizer)
+            except GradInitError as e:
+                fail(f"{e}; the scales are in the log line 'GradInit scales' above")
+        if cfg.gradinit_only:
             logger.info(f"--gradinit-only: wrote {path}; stopping before the first update")
             _exit_now()
 
-    def _keep_scales_of_checkpoint(self, update_num):
+    def _carry_scales_of_checkpoint(self, update_num):
+        """Weights from a checkpoint keep the scales that checkpoint carries, and only those."""
+        if not is_master():  # only the first worker writes checkpoints and the JSON
+            return
+        cfg = self.gradinit_cfg
+        source = _loaded_checkpoint(cfg)
+        json_path = os.path.join(cfg.save_dir, SCALES_JSON)
         try:
-            payload = _read_scales_json(self.gradinit_cfg.save_dir)
+            payload = state.checkpoint_scales(source) if source else None
+            if payload is None:
+                if not (cfg.gradinit or cfg.gradinit_load or os.path.exists(json_path)):
+                    return  # a run that never used GradInit: nothing to say
+                logger.info(
+                    f"GradInit not run: the weights come from a checkpoint ({source or '?'}, "
+                    f"update {update_num}) that holds no GradInit scales"
+                )
+                if os.path.exists(json_path):
+                    logger.warning(
+                        f"{json_path} does not belong to these weights ({source} holds no "
+                        "GradInit scales); it is not used"
+                    )
+                return
+            self.state.merge_state_dict({STATE_KEY: payload})
+            logger.info(
+                f"GradInit not run: the weights come from a checkpoint ({source}, update "
+                f"{update_num}); its {len(payload['scales'])} scales go into every new checkpoint"
+            )
+            on_disk = state.json_scales(json_path)
+            if on_disk != payload["scales"]:
+                if os.path.exists(json_path):
+                    why = "cannot be read" if on_disk is None else f"holds other scales than {source}"
+                    logger.warning(f"{json_path} {why}; rewritten from the checkpoint")
+                state.write_json(json_path, payload)
         except GradInitError as e:
             fail(e)
-        if payload is not None:
-            self.state.merge_state_dict({STATE_KEY: payload})
-        logger.info(
-            "GradInit not run: the weights come from a checkpoint "
-            f"(update {update_num}); {'kept' if payload else 'no'} scales from {SCALES_JSON}"
-        )
 
 
 def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
@@ -211,28 +284,64 @@ def check_lr_scheduler(cfg) -> None:
         )
 
 
+def check_flag_combinations(cfg) -> None:
+    """Flags that contradict each other, or --gradinit-only where it would train."""
+    if cfg.gradinit and cfg.gradinit_load:
+        # Adding --gradinit-load FILE to a --gradinit command is the natural way to use
+        # it, so it is not refused; but it must not pass unnoticed.
+        logger.warning(
+            f"--gradinit-load {cfg.gradinit_load} replaces --gradinit: its scales are applied "
+            "and GradInit does not run (the other --gradinit-* settings are unused)"
+        )
+    if cfg.gradinit_only and not (cfg.gradinit or cfg.gradinit_load):
+        raise GradInitError("--gradinit-only needs --gradinit or --gradinit-load")
+    # --gradinit-only on weights from a checkpoint is refused at the first train_step,
+    # before any update: setup_task also runs when a trained model is loaded for use.
+
+
+def _loaded_checkpoint(cfg) -> Optional[str]:
+    """The checkpoint fairseq-train loads for this task config (None if not found out)."""
+    root = cfg._get_root() if hasattr(cfg, "_get_root") else None
+    if root is None or "checkpoint" not in root:
+        return None
+    sharded = root.distributed_training.ddp_backend == "fully_sharded" and root.distributed_training.use_sharded_state
+    rank = _data_parallel()[0] if sharded else 0
+    return state.loaded_checkpoint_path(root.checkpoint, rank, sharded)
+
+
+@contextlib.contextmanager
+def _ends_cleanly():
+    """Inside fairseq's training loop, a plugin error ends the process with its one line.
+
+    A SystemExit unwinding through fairseq races its prefetch thread (see
+    ``interrupts.exit_now``), and any other exception would make fairseq's Trainer
+    write crash.pt.
+    """
+    try:
+        yield
+    except GradInitError as e:
+        _exit_now(1, _one_line(e))
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            _exit_now(e.code or 0)
+        _exit_now(1, str(e.code))
+
+
 def fail(error) -> None:
     """End the run with a one-line message naming the flag, not a traceback."""
+    raise SystemExit(_one_line(error))
+
+
+def _one_line(error) -> str:
     message, setting = str(error), getattr(error, "setting", None)
     if setting in gc.FLAG_SETTINGS:
         if message.startswith(setting + " "):
             message = message[len(setting) + 1 :]
         message = f"{gc.flag(setting)} {message}" if message.startswith("must") else f"{gc.flag(setting)}: {message}"
-    raise SystemExit(f"fairseq-gradinit: error: {message}")
+    return f"fairseq-gradinit: error: {message}"
 
 
-def _exit_now() -> None:
-    """End the process at once, with exit code 0, from inside fairseq's training loop.
-
-    A SystemExit here would shut the interpreter down while fairseq's batch prefetch
-    thread (a daemon thread of BufferedIterator) may be inside torch's C++ code, which
-    then aborts the process ("terminate called without an active exception", exit -6;
-    seen in CI). Nothing is left to clean up: the checkpoint and JSON are written.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+_exit_now = interrupts.exit_now
 
 
 def unwrap(model):
@@ -242,9 +351,9 @@ def unwrap(model):
     return model
 
 
-def load_scales(path: str, model, optimizer) -> Dict:
+def load_scales(path: str, model, optimizer, min_scale: float = 0.0, max_scale: Optional[float] = None) -> Dict:
     """Apply the scales of a gradinit_scales.json to a fresh model of the same architecture."""
-    payload = read_scales(path)
+    payload = read_scales(path, min_scale, max_scale)
     wskip = [n for n in wskip_parameter_names(model) if n in payload["scales"]]  # --gradinit-wskip runs
     expected = {n: list(model.get_parameter(n).shape) for n in select_tensors(model, extra_names=wskip)}
     shapes = payload.get("shapes") or {}
@@ -258,24 +367,25 @@ def load_scales(path: str, model, optimizer) -> Dict:
             if names
         )
         raise GradInitError(f"{path} does not fit this model ({details})", "load")
+    for name, scale in payload["scales"].items():
+        p = model.get_parameter(name).detach()
+        if not math.isfinite(float(scale) * float(p.abs().max().float())) or (
+            float(scale) * float(p.abs().max().float()) > torch.finfo(p.dtype).max
+        ):
+            raise GradInitError(f"{path}: the scale {scale:g} of {name} makes its weights overflow", "load")
     scale_training_weights(model, optimizer, payload["scales"])
     logger.info(f"GradInit: applied {len(payload['scales'])} scales from {path}")
     return payload
 
 
-def read_scales(path: str) -> Dict:
-    """A gradinit_scales.json, checked for its form."""
+def read_scales(path: str, min_scale: float = 0.0, max_scale: Optional[float] = None) -> Dict:
+    """A gradinit_scales.json, checked for its form and its values (see state.check_payload)."""
     try:
         with open(path) as f:
             payload = json.load(f)
     except (OSError, ValueError) as e:
         raise GradInitError(f"cannot read {path}: {e}", "load") from None
-    scales = payload.get("scales") if isinstance(payload, dict) else None
-    if not isinstance(scales, dict) or not all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in scales.values()
-    ):
-        raise GradInitError(f"{path} has no 'scales' mapping of tensor names to numbers", "load")
-    return payload
+    return state.check_payload(payload, path, min_scale, max_scale)
 
 
 def scales_payload(result: GradInitResult, cfg, model) -> Dict:
@@ -297,7 +407,7 @@ def scales_payload(result: GradInitResult, cfg, model) -> Dict:
 def save_gradinit_checkpoint(path, task, model, criterion, optimizer) -> None:
     """A normal fairseq checkpoint at update 0 that stock fairseq can start from."""
     root = task.gradinit_cfg._get_root()  # the full training config the task config belongs to
-    state = {
+    checkpoint = {
         "args": None,
         "cfg": OmegaConf.to_container(root, resolve=True, enum_to_str=True),
         "model": model.state_dict(),
@@ -317,9 +427,43 @@ def save_gradinit_checkpoint(path, task, model, criterion, optimizer) -> None:
             "previous_training_time": 0,
         },
     }
-    tmp = path + ".tmp"  # an interrupted write never looks like a finished checkpoint
-    checkpoint_utils.torch_persistent_save(state, tmp)
-    os.replace(tmp, path)
+    # torch.save (what fairseq's torch_persistent_save calls) into a temporary file, so
+    # an interrupted or failed write never looks like a finished checkpoint and leaves
+    # nothing behind; fairseq's own wrapper would retry, log tracebacks and keep .tmp.
+    state.write_atomically(path, lambda tmp: _save(checkpoint, tmp))
+
+
+def _save(checkpoint, path) -> None:
+    """torch.save, but a failed write (a full disk) raises its OSError, errno and all:
+    torch's zip writer would turn it into "enforce fail ... unexpected pos"."""
+    with open(path, "wb", buffering=0) as f:
+        sink = _FullWrites(f)
+        try:
+            torch.save(checkpoint, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _FullWrites:
+    """A file for torch.save that writes every byte it is given, or remembers why not."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self.f.write(view) :]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(memoryview(data).cast("B"))
+
+    def flush(self):
+        self.f.flush()
 
 
 def is_master() -> bool:
@@ -401,16 +545,3 @@ def _all_reduce_mean(tensors) -> None:
 
 def _json_number(value):
     return None if isinstance(value, float) and math.isinf(value) else value
-
-
-def _write_json(path: str, payload: Dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _read_scales_json(save_dir: str) -> Optional[Dict]:
-    path = os.path.join(save_dir, SCALES_JSON)
-    return read_scales(path) if os.path.exists(path) else None

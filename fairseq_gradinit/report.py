@@ -329,21 +329,53 @@ def cli_main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, help="tokens per batch (default: the run's)")
     parser.add_argument("--seed", type=int, help="seed of the batch order (default: the run's)")
     args = parser.parse_args(argv)
+    out = args.out or os.path.join(args.save_dir, "gradinit_report")
 
     with _console():
+        created = not os.path.exists(out)
         try:
+            _check_arguments(args)
+            _find_inputs(args.save_dir)  # before --out is created, possibly inside it
+            _check_writable(out)
             rows = collect(args.save_dir, args.data_bin, args.batches, args.max_tokens, args.seed)
+            try:
+                table = write_markdown(rows, os.path.join(out, "report.md"))
+                with open(os.path.join(out, "rows.json"), "w") as f:
+                    json.dump([r.as_dict() for r in rows], f, indent=1)
+                paths = plot(rows, out)
+            except OSError as e:
+                raise ReportError(f"cannot write the report to {out}: {e.strerror or e}") from None
         except ReportError as e:
+            if created:  # leave no empty output folder behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)
             print(f"fairseq-gradinit-report: error: {e}", file=sys.stderr)
             sys.exit(2)
-        out = args.out or os.path.join(args.save_dir, "gradinit_report")
-        table = write_markdown(rows, os.path.join(out, "report.md"))
-        with open(os.path.join(out, "rows.json"), "w") as f:
-            json.dump([r.as_dict() for r in rows], f, indent=1)
-        paths = plot(rows, out)
     print(table)
     print(summary(rows))
     print(f"wrote {os.path.join(out, 'report.md')}, rows.json, " + ", ".join(map(os.path.basename, paths)))
+
+
+def _check_arguments(args) -> None:
+    """Numeric flags in range, before any work is done."""
+    if args.batches < 2:
+        raise ReportError(f"--batches must be >= 2 for a standard deviation (got {args.batches})")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ReportError(f"--max-tokens must be >= 1 (got {args.max_tokens})")
+    if args.seed is not None and not 0 <= args.seed < 2**32 - 1000:  # numpy seeds seed + epoch
+        raise ReportError(f"--seed must be in [0, 2**32 - 1000) (got {args.seed})")
+
+
+def _check_writable(out: str) -> None:
+    """--out can be created and written (root ignores file modes: so write, not ask)."""
+    probe = os.path.join(out, ".write-test")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ReportError(f"cannot write to {out} (--out): {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -411,6 +443,8 @@ def _run_config(state: Dict, path: str, data_bin: str):
     # --gradinit-load file that may have moved since: the task only builds here.
     if "gradinit" in cfg.task:
         cfg.task.gradinit, cfg.task.gradinit_load = False, None
+        if "gradinit_only" in cfg.task:
+            cfg.task.gradinit_only = False
     return cfg
 
 
@@ -460,18 +494,25 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
     except Exception as e:  # translation raises FileNotFoundError, other tasks bare Exceptions
         raise ReportError(f"cannot load the training set '{subset}' from {cfg.task.data}: {e}") from None
     samples, per_epoch = [], None
+    # As fairseq's trainer, sentences longer than a batch holds are skipped (not asserted).
+    batch_iterator = getattr(task, "unchecked_batch_iterator", task.get_batch_iterator)
+    limit = f" of at most {max_tokens} tokens (--max-tokens)" if max_tokens else ""
+    none = ReportError(f"the training set '{subset}' gives no batches{limit}: are all its sentences longer?")
     for epoch in itertools.count(1):
-        itr = task.get_batch_iterator(
-            dataset=task.dataset(subset),
-            max_tokens=max_tokens,
-            max_sentences=max_sentences,
-            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-            ignore_invalid_inputs=True,
-            required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
-            seed=seed,
-            epoch=epoch,
-            disable_iterator_cache=True,
-        ).next_epoch_itr(shuffle=True)
+        try:
+            itr = batch_iterator(
+                dataset=task.dataset(subset),
+                max_tokens=max_tokens,
+                max_sentences=max_sentences,
+                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions(), max_tokens),
+                ignore_invalid_inputs=True,
+                required_batch_size_multiple=cfg.dataset.required_batch_size_multiple,
+                seed=seed,
+                epoch=epoch,
+                disable_iterator_cache=True,
+            ).next_epoch_itr(shuffle=True)
+        except IndexError:  # fairseq's batch_by_size when every sentence was filtered out
+            raise none from None
         for sample in itr:
             if sample:  # fairseq yields {} for an empty shard
                 samples.append(sample)
@@ -484,7 +525,7 @@ def _training_batches(task, cfg, model, n, max_tokens, max_sentences, seed) -> L
                     )
                 return samples
         if not samples:
-            raise ReportError(f"the training set '{subset}' gives no batches")
+            raise none
         per_epoch = per_epoch or len(samples)
 
 

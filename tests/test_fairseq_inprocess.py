@@ -117,7 +117,7 @@ def test_a_training_set_that_gives_no_batches_is_a_clear_error(data_bin):
     # Every sentence is longer than 1 position, so fairseq's batching filters them all.
     cfg, task, model, criterion = build(data_bin, "--max-source-positions", "1", "--max-target-positions", "1")
     initial = copy.deepcopy(model.state_dict())
-    with pytest.raises(GradInitError, match="the training set 'train' gives no batches"):
+    with pytest.raises(GradInitError, match="the training set 'train' gives no GradInit batch: all its sentences are longer"):
         run_gradinit(task, model, criterion, optimizer=object())
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 

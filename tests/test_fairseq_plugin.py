@@ -324,8 +324,11 @@ def test_stopping_during_gradinit_leaves_no_checkpoint_or_scales(data_bin, tmp_p
     save_dir = tmp_path / "ck"
     args = [data_bin, *USER_COMMAND, *TINY_ARCH, "--cpu", "--gradinit-iters", "100000",
             "--gradinit-only", "--save-dir", save_dir, "--no-progress-bar"]  # fmt: skip
+    # SIGINT at its default: a shell running pytest in the background ignores it, and
+    # children inherit that (the test must check the plugin, not the caller's shell).
     proc = subprocess.Popen([str(BIN / "fairseq-train"), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     for line in proc.stdout:
         if "GradInit: " in line:  # GradInit has started
             break

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 import shutil
 import struct
 
@@ -160,3 +161,42 @@ def test_labels_and_summary_of_the_most_down_scaled_groups():
         "GradInit scaled down most: decoder final LayerNorm x0.31; "
         "encoder FFN fc2 mean x0.52 (2 tensors); decoder FFN fc1 x0.90"
     )
+
+
+def read_only_dir(tmp_path):
+    """A directory this process cannot create files in (root ignores file modes: /sys)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # running as root
+        return "/sys/fairseq-gradinit-test/report"
+    return str(folder / "report")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-tokens", "-5"], "--max-tokens must be >= 1 (got -5)"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1 (got 0)"),
+    (["--batches", "1"], "--batches must be >= 2"),
+    (["--seed", "-1"], "--seed must be in [0, "),
+])  # fmt: skip
+def test_cli_refuses_out_of_range_numbers_in_one_line(run, data_bin, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        report.cli_main([str(run), data_bin, "--out", str(tmp_path / "out"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fairseq-gradinit-report: error: ") and message in err[0], err
+
+
+def test_cli_max_tokens_below_every_sentence_is_one_line_not_a_traceback(run, data_bin, tmp_path):
+    proc = fairseq("fairseq-gradinit-report", run, data_bin, "--max-tokens", "1", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-gradinit-report: error: ") and "--max-tokens" in last, last
+
+
+def test_cli_on_a_read_only_output_path_exits_2_with_one_line(run, data_bin, tmp_path):
+    out = read_only_dir(tmp_path)
+    proc = fairseq("fairseq-gradinit-report", run, data_bin, "--out", out, "--batches", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fairseq-gradinit-report: error: cannot write to {out} (--out)"), last

@@ -2,6 +2,7 @@
 import itertools
 from typing import Iterator, Optional, Tuple
 
+import torch
 from fairseq import utils
 
 from .core import GradInitError, min_split_size, split_batch
@@ -35,7 +36,6 @@ def sample_pairs(
     Each worker of a data-parallel run reads its own shard, as in training.
     """
     dataset = task.dataset(task.gradinit_cfg.train_subset)
-    pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
     for epoch in itertools.count(1):
         try:
@@ -60,13 +60,33 @@ def sample_pairs(
             batches += 1
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
+            if not splittable(sample):
+                raise GradInitError(
+                    f"--task {_task_name(task)}: its batches cannot be split into S and S~ (GradInit "
+                    "needs fairseq's usual batch: a dict with 'net_input' and a 'target' tensor); "
+                    "train this task without --gradinit"
+                )
             try:
-                parts = split_sample(sample, overlap, pad)
+                parts = split_sample(sample, overlap, task.target_dictionary.pad())
             except GradInitError as e:
                 raise GradInitError(f"{e}. {_limits(max_tokens, max_sentences, overlap)}", e.setting) from None
             yield parts
         if batches == 0:
             raise GradInitError(f"the training set '{task.gradinit_cfg.train_subset}' gives no batches")
+
+
+def splittable(sample) -> bool:
+    """A batch of one tensor row per sample under 'net_input' and 'target', as fairseq collates."""
+    return (
+        isinstance(sample, dict)
+        and isinstance(sample.get("net_input"), dict)
+        and torch.is_tensor(sample.get("target"))
+        and sample["target"].dim() > 0
+    )
+
+
+def _task_name(task) -> str:
+    return getattr(task, "gradinit_task_name", type(task).__name__)
 
 
 def _limits(max_tokens: Optional[int], max_sentences: Optional[int], overlap: float) -> str:

@@ -8,6 +8,7 @@ training batches to ``core.gradinit``, then writes the scales into the weights (
 into the fp16 optimizer's fp32 master copy), the task state (so every checkpoint
 carries them) and ``<save-dir>/gradinit_scales.json``.
 """
+import importlib.util
 import json
 import logging
 import math
@@ -41,8 +42,10 @@ class GradInitTaskMixin:
     """Adds GradInit to a fairseq task whose config includes ``config.GradInitConfig``."""
 
     @classmethod
-    def setup_task(cls, cfg, **kwargs):
+    def setup_task(cls, task_cfg, **kwargs):
+        cfg = gc.RunConfig(task_cfg)
         check_lr_scheduler(cfg)
+        check_precision(cfg)
         try:
             if cfg.gradinit:
                 gc.validate(cfg)
@@ -50,13 +53,13 @@ class GradInitTaskMixin:
                 read_scales(cfg.gradinit_load)
         except GradInitError as e:
             fail(e)
-        return super().setup_task(cfg, **kwargs)
+        return super().setup_task(task_cfg, **kwargs)
 
     @property
     def gradinit_cfg(self):
-        """The task config with the --gradinit flags (``args`` on fairseq's legacy tasks)."""
+        """The --gradinit flags and the training settings (``args`` on fairseq's legacy tasks)."""
         cfg = getattr(self, "cfg", None)
-        return cfg if cfg is not None else self.args
+        return gc.RunConfig(cfg if cfg is not None else self.args)
 
     def build_model(self, cfg, *args, **kwargs):
         model = super().build_model(cfg, *args, **kwargs)
@@ -192,6 +195,21 @@ def check_lr_scheduler(cfg) -> None:
             "polynomial_decay --power 1 --total-num-update N (linear decay, the paper's "
             "schedule) or --lr-scheduler fixed"
         )
+
+
+def check_precision(cfg) -> None:
+    """Half precision that fairseq 0.12 cannot run here ends in its traceback; say why first."""
+    for name in ("memory_efficient_fp16", "memory_efficient_bf16", "fp16", "bf16"):
+        if not getattr(cfg, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if "bf16" in name and cfg.tpu and importlib.util.find_spec("torch_xla") is None:
+            # fairseq-train turns --bf16 into --tpu (fairseq/options.py)
+            fail(f"{flag} means training on a TPU in fairseq 0.12 (it sets --tpu) and torch_xla "
+                 f"is not installed; leave out {flag} to train in fp32")
+        if not cfg.tpu and (cfg.cpu or not torch.cuda.is_available()):
+            why = "--cpu is set" if cfg.cpu else "no CUDA device is available"
+            fail(f"{flag} needs a CUDA GPU ({why}); leave out {flag} to train in fp32")
 
 
 def fail(error) -> None:

@@ -44,6 +44,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 $(OFFICIAL_STAMP): requirements-official.txt
+	@$(PYTHON310) -c "import sys; assert sys.version_info[:2] == (3, 10)" 2>/dev/null || { echo "make test-official: needs Python 3.10 (hydra-core 1.0.7 fails on 3.11); none found as $(PYTHON310): set PYTHON310=/path/to/python3.10" >&2; exit 2; }
 	test -x $(OPY) || $(PYTHON310) -m venv $(OFFICIAL_VENV)
 	$(OPY) -m pip install --quiet "pip<24.1"
 	$(OPY) -m pip install --quiet $(TORCH) -r requirements-official.txt

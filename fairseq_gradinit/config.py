@@ -187,7 +187,13 @@ def flag(setting: str) -> str:
     return "--gradinit-" + setting.replace("_", "-")
 
 
+def run_config(cfg) -> "RunConfig":
+    """``cfg`` (a task config, or a legacy task's Namespace) as a :class:`RunConfig`."""
+    return cfg if isinstance(cfg, RunConfig) else RunConfig(cfg)
+
+
 def target_optimizer(cfg) -> str:
+    cfg = run_config(cfg)
     if cfg.gradinit_optimizer is not None:
         return str(cfg.gradinit_optimizer)
     name = str(cfg.optimizer)
@@ -202,6 +208,7 @@ def target_optimizer(cfg) -> str:
 
 def settings_from_config(cfg) -> GradInitSettings:
     """GradInitSettings for a run, defaults filled in from the training flags."""
+    cfg = run_config(cfg)
     target = target_optimizer(cfg)
     gamma, gamma_factor = cfg.gradinit_gamma, None
     if gamma is None:
@@ -230,6 +237,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
     Measured on Multi30k, this learned scales as good as 1.5 x the batch did, in 40%
     less time (README "Defaults"). --gradinit-max-tokens replaces the token limit.
     """
+    cfg = run_config(cfg)
     if cfg.gradinit_max_tokens is not None and cfg.gradinit_max_tokens < 2:
         raise GradInitError(f"must be >= 2 (got {cfg.gradinit_max_tokens})", "max_tokens")
     tokens = cfg.gradinit_max_tokens
@@ -243,6 +251,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
 
 def validate(cfg) -> None:
     """Check every flag that can be checked before the model exists."""
+    cfg = run_config(cfg)
     if not 0 <= cfg.gradinit_overlap < 1:
         raise GradInitError(f"must be in [0, 1) (got {cfg.gradinit_overlap})", "overlap")
     if cfg.gradinit_eta is not None and not cfg.gradinit_eta > 0:

@@ -45,7 +45,10 @@ class GradInitTaskMixin:
     def setup_task(cls, task_cfg, **kwargs):
         cfg = gc.RunConfig(task_cfg)
         check_lr_scheduler(cfg)
-        check_precision(cfg)
+        if "fairseq_cli.train" in sys.modules and not kwargs.get("from_checkpoint"):
+            # a training run's own flags; a task set up from a checkpoint's config (decoding
+            # on CPU a model trained with --fp16, say) is not this run's to judge
+            check_precision(cfg)
         try:
             if cfg.gradinit:
                 gc.validate(cfg)

@@ -30,9 +30,9 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install --quiet --no-deps $(FAIRSEQ)
 	$(PY) -m pip install --quiet $(TORCH) -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	# `--user-dir fairseq_gradinit` from any directory: fairseq looks for a --user-dir that
-	# is not in the working directory next to its own package, where an editable install
-	# puts nothing; a link puts this checkout there (a plain `pip install .` needs none).
+	@# `--user-dir fairseq_gradinit` from any directory: fairseq looks for a --user-dir that
+	@# is not in the working directory next to its own package, where an editable install
+	@# puts nothing; a link puts this checkout there (a plain `pip install .` needs none).
 	ln -sfn $(CURDIR)/fairseq_gradinit $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/fairseq_gradinit
 	$(PY) -m pip check 2>/dev/null | grep -viE "torchaudio|^No broken" || true
 	touch $(STAMP)
@@ -48,8 +48,8 @@ $(OFFICIAL_STAMP): requirements-official.txt
 	test -x $(OPY) || $(PYTHON310) -m venv $(OFFICIAL_VENV)
 	$(OPY) -m pip install --quiet "pip<24.1"
 	$(OPY) -m pip install --quiet $(TORCH) -r requirements-official.txt
-	# Build isolation keeps torch out of fairseq's build, so its optional C++ extensions
-	# are skipped: the 0.12.2 sdist lacks one of their sources (balanced_assignment.cpp).
+	@# Build isolation keeps torch out of fairseq's build, so its optional C++ extensions
+	@# are skipped: the 0.12.2 sdist lacks one of their sources (balanced_assignment.cpp).
 	$(OPY) -m pip install --quiet --no-deps fairseq==0.12.2
 	touch $(OFFICIAL_STAMP)
 

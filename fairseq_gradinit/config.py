@@ -1,8 +1,7 @@
 """The --gradinit flags: one dataclass, its defaults and where each default comes from.
 
 Training-wide values that GradInit derives its defaults from (--max-tokens, --lr,
---optimizer, --save-dir, ...) are read through omegaconf interpolations, the way
-fairseq's own task configs read ``dataset.train_subset``.
+--optimizer, --save-dir, ...) are read from the training config through ``RunConfig``.
 """
 import argparse
 import ast

@@ -235,6 +235,20 @@ def test_hydra_train_with_the_example_config_runs_gradinit_on_the_translation_ta
     assert model["encoder.layers.0.fc1.weight"].shape == (32, 16)  # the tiny model was built
 
 
+@pytest.mark.official
+def test_the_hydra_plugin_leaves_fairseq_train_alone_without_user_dir(data_bin):
+    # fairseq-train composes its config with hydra too, which imports hydra_plugins/.
+    script = (
+        "import sys; from fairseq import options; "
+        "from fairseq.dataclass.utils import convert_namespace_to_omegaconf as c; "
+        f"c(options.parse_args_and_arch(options.get_training_parser(), [{data_bin!r}, '--arch', 'transformer']));"
+        "print('loaded' if 'fairseq_gradinit' in sys.modules else 'not loaded')"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # hydra_plugins/ of this checkout is on the path
+    proc = subprocess.run([str(BIN / "python"), "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ok(proc).strip().splitlines()[-1] == "not loaded"
+
+
 # --- flag combinations fairseq itself cannot run -------------------------------------------
 
 

@@ -80,7 +80,10 @@ def test_without_gradinit_the_plugin_changes_nothing_about_training(data_bin, tm
     stock = model_state(tmp_path / "stock" / "checkpoint_last.pt")["model"]
     plugin = model_state(tmp_path / "plugin" / "checkpoint_last.pt")["model"]
     assert stock.keys() == plugin.keys()
-    assert all(torch.equal(stock[k], plugin[k]) for k in stock)
+    # Official fairseq 0.12.2's positional embeddings keep an uninitialized one-element
+    # buffer (_float_tensor) in the state dict: it differs between two stock runs too.
+    weights = [k for k in stock if not k.endswith("._float_tensor")]
+    assert all(torch.equal(stock[k], plugin[k]) for k in weights)
     assert not (tmp_path / "plugin" / "gradinit_scales.json").exists()
 
 

@@ -246,7 +246,8 @@ def test_the_hydra_plugin_leaves_fairseq_train_alone_without_user_dir(data_bin):
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # hydra_plugins/ of this checkout is on the path
     proc = subprocess.run([str(BIN / "python"), "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert ok(proc).strip().splitlines()[-1] == "not loaded"
+    ok(proc)
+    assert proc.stdout.strip().splitlines()[-1] == "not loaded"
 
 
 # --- flag combinations fairseq itself cannot run -------------------------------------------

@@ -1,16 +1,15 @@
 """The --gradinit flags: one dataclass, its defaults and where each default comes from.
 
 Training-wide values that GradInit derives its defaults from (--max-tokens, --lr,
---optimizer, --save-dir, ...) are read through omegaconf interpolations, the way
-fairseq's own task configs read ``dataset.train_subset``.
+--optimizer, --save-dir, ...) are read from the training config through ``RunConfig``.
 """
+import argparse
 import ast
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import II
 
 from .core import ADAM, AUTOGRAD, HVP, SGD, GradInitError, GradInitSettings
 
@@ -128,18 +127,67 @@ class GradInitConfig(FairseqDataclass):
             "(default off, as in the paper)"
         },
     )
-    # Training-wide settings GradInit derives its defaults from (no flags of their own).
-    max_tokens: Optional[int] = II("dataset.max_tokens")
-    batch_size: Optional[int] = II("dataset.batch_size")
-    lr: Any = II("optimization.lr")
-    optimizer: Optional[str] = II("optimizer._name")
-    lr_scheduler: Optional[str] = II("lr_scheduler._name")
-    warmup_updates: Optional[int] = II("lr_scheduler.warmup_updates")
-    save_dir: str = II("checkpoint.save_dir")
-    train_subset: str = II("dataset.train_subset")
-    seed: int = II("common.seed")
-    log_format: Optional[str] = II("common.log_format")
-    no_progress_bar: bool = II("common.no_progress_bar")
+
+
+#: Training-wide settings GradInit derives its defaults from, and where fairseq keeps
+#: them. They are read from the training config the task config belongs to, never copied
+#: into GradInitConfig: a task field named ``optimizer`` holding ``${optimizer._name}``
+#: resolves to itself on omegaconf 2.0 (RecursionError at start-up with the official
+#: fairseq 0.12.2), and a task of the user's own may use these names for something else.
+TRAINING_SETTINGS = {
+    "max_tokens": "dataset.max_tokens",
+    "batch_size": "dataset.batch_size",
+    "train_subset": "dataset.train_subset",
+    "lr": "optimization.lr",
+    "optimizer": "optimizer._name",
+    "lr_scheduler": "lr_scheduler._name",
+    "warmup_updates": "lr_scheduler.warmup_updates",
+    "save_dir": "checkpoint.save_dir",
+    "seed": "common.seed",
+    "log_format": "common.log_format",
+    "no_progress_bar": "common.no_progress_bar",
+    "cpu": "common.cpu",
+    "tpu": "common.tpu",
+    "fp16": "common.fp16",
+    "bf16": "common.bf16",
+    "memory_efficient_fp16": "common.memory_efficient_fp16",
+    "memory_efficient_bf16": "common.memory_efficient_bf16",
+}
+
+
+class RunConfig:
+    """A task's --gradinit flags plus the training-wide settings of :data:`TRAINING_SETTINGS`.
+
+    Works on a task's omegaconf config (the training config is its root) and on the
+    argparse Namespace of a legacy task (which holds every training flag)::
+
+        cfg = RunConfig(task.cfg)
+        cfg.gradinit_iters, cfg.optimizer   # 780, 'adam'
+    """
+
+    def __init__(self, task_cfg):
+        self._cfg = task_cfg
+
+    def __getattr__(self, name):
+        if name not in TRAINING_SETTINGS:
+            return getattr(self._cfg, name)
+        if isinstance(self._cfg, argparse.Namespace):
+            return getattr(self._cfg, name, None)
+        node = self._get_root()
+        for key in TRAINING_SETTINGS[name].split("."):
+            try:  # a scheduler without warmup, a missing ("???") value: None
+                node = getattr(node, key)
+            except Exception:
+                return None
+        return node
+
+    def _get_root(self):
+        """The whole training config."""
+        if isinstance(self._cfg, argparse.Namespace):
+            from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+            return convert_namespace_to_omegaconf(self._cfg)
+        return self._cfg._get_root()
 
 
 #: Settings that have a --gradinit-* flag of the same name.
@@ -155,7 +203,13 @@ def flag(setting: str) -> str:
     return "--gradinit-" + setting.replace("_", "-")
 
 
+def run_config(cfg) -> "RunConfig":
+    """``cfg`` (a task config, or a legacy task's Namespace) as a :class:`RunConfig`."""
+    return cfg if isinstance(cfg, RunConfig) else RunConfig(cfg)
+
+
 def target_optimizer(cfg) -> str:
+    cfg = run_config(cfg)
     if cfg.gradinit_optimizer is not None:
         return str(cfg.gradinit_optimizer)
     name = str(cfg.optimizer)
@@ -170,6 +224,7 @@ def target_optimizer(cfg) -> str:
 
 def settings_from_config(cfg) -> GradInitSettings:
     """GradInitSettings for a run, defaults filled in from the training flags."""
+    cfg = run_config(cfg)
     target = target_optimizer(cfg)
     gamma, gamma_factor = cfg.gradinit_gamma, cfg.gradinit_gamma_factor
     if gamma is not None and gamma_factor is not None:
@@ -209,6 +264,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
     training batch) did, in 40% less time (README "Defaults"). --gradinit-max-tokens
     replaces the token limit.
     """
+    cfg = run_config(cfg)
     if cfg.gradinit_max_tokens is not None and cfg.gradinit_max_tokens < 2:
         raise GradInitError(f"must be >= 2 (got {cfg.gradinit_max_tokens})", "max_tokens")
     tokens = cfg.gradinit_max_tokens
@@ -222,6 +278,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
 
 def validate(cfg) -> None:
     """Check every flag that can be checked before the model exists."""
+    cfg = run_config(cfg)
     if not 0 <= cfg.gradinit_overlap < 1:
         raise GradInitError(f"must be in [0, 1) (got {cfg.gradinit_overlap})", "overlap")
     if cfg.gradinit_eta is not None and not cfg.gradinit_eta > 0:

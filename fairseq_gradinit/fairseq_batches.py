@@ -62,7 +62,6 @@ def sample_pairs(
     Each worker of a data-parallel run reads its own shard, as in training.
     """
     dataset = task.dataset(task.gradinit_cfg.train_subset)
-    pad = task.target_dictionary.pad()
     device = next(model.parameters()).device
     # The task's checks name the training flags; GradInit's batches have flags of their own.
     batch_iterator = getattr(task, "unchecked_batch_iterator", task.get_batch_iterator)
@@ -89,8 +88,14 @@ def sample_pairs(
                 continue
             if device.type == "cuda":
                 sample = utils.move_to_cuda(sample, device=device)
+            if not splittable(sample):
+                raise GradInitError(
+                    f"--task {_task_name(task)}: its batches cannot be split into S and S~ (GradInit "
+                    "needs fairseq's usual batch: a dict with 'net_input' and a 'target' tensor); "
+                    "train this task without --gradinit"
+                )
             try:
-                parts = split_sample(sample, overlap, pad)
+                parts = split_sample(sample, overlap, task.target_dictionary.pad())
             except GradInitError as e:  # a batch too small to split: use the others
                 too_small = e
                 continue
@@ -105,6 +110,20 @@ def sample_pairs(
                 f"all its sentences are longer than a batch holds. {limits}",
                 "max_tokens",
             )
+
+
+def splittable(sample) -> bool:
+    """A batch of one tensor row per sample under 'net_input' and 'target', as fairseq collates."""
+    return (
+        isinstance(sample, dict)
+        and isinstance(sample.get("net_input"), dict)
+        and torch.is_tensor(sample.get("target"))
+        and sample["target"].dim() > 0
+    )
+
+
+def _task_name(task) -> str:
+    return getattr(task, "gradinit_task_name", type(task).__name__)
 
 
 def _limits(max_tokens: Optional[int], max_sentences: Optional[int], overlap: float) -> str:

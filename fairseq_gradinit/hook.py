@@ -13,10 +13,12 @@ Every failure inside fairseq's training loop ends the process with one line
 (``_ends_cleanly``); SIGINT/SIGTERM during GradInit end it at once (interrupts.py).
 """
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -46,8 +48,13 @@ class GradInitTaskMixin:
     """Adds GradInit to a fairseq task whose config includes ``config.GradInitConfig``."""
 
     @classmethod
-    def setup_task(cls, cfg, **kwargs):
+    def setup_task(cls, task_cfg, **kwargs):
+        cfg = gc.RunConfig(task_cfg)
         check_lr_scheduler(cfg)
+        if "fairseq_cli.train" in sys.modules and not kwargs.get("from_checkpoint"):
+            # a training run's own flags; a task set up from a checkpoint's config (decoding
+            # on CPU a model trained with --fp16, say) is not this run's to judge
+            check_precision(cfg)
         try:
             check_flag_combinations(cfg)
             if cfg.gradinit:
@@ -57,13 +64,13 @@ class GradInitTaskMixin:
             data_checks.check_data_dir(cfg)
         except GradInitError as e:
             fail(e)
-        return super().setup_task(cfg, **kwargs)
+        return super().setup_task(task_cfg, **kwargs)
 
     @property
     def gradinit_cfg(self):
-        """The task config with the --gradinit flags (``args`` on fairseq's legacy tasks)."""
+        """The --gradinit flags and the training settings (``args`` on fairseq's legacy tasks)."""
         cfg = getattr(self, "cfg", None)
-        return cfg if cfg is not None else self.args
+        return gc.RunConfig(cfg if cfg is not None else self.args)
 
     def build_model(self, cfg, *args, **kwargs):
         model = super().build_model(cfg, *args, **kwargs)
@@ -325,6 +332,21 @@ def _ends_cleanly():
         if isinstance(e.code, int) or e.code is None:
             _exit_now(e.code or 0)
         _exit_now(1, str(e.code))
+
+
+def check_precision(cfg) -> None:
+    """Half precision that fairseq 0.12 cannot run here ends in its traceback; say why first."""
+    for name in ("memory_efficient_fp16", "memory_efficient_bf16", "fp16", "bf16"):
+        if not getattr(cfg, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if "bf16" in name and cfg.tpu and importlib.util.find_spec("torch_xla") is None:
+            # fairseq-train turns --bf16 into --tpu (fairseq/options.py)
+            fail(f"{flag} means training on a TPU in fairseq 0.12 (it sets --tpu) and torch_xla "
+                 f"is not installed; leave out {flag} to train in fp32")
+        if not cfg.tpu and (cfg.cpu or not torch.cuda.is_available()):
+            why = "--cpu is set" if cfg.cpu else "no CUDA device is available"
+            fail(f"{flag} needs a CUDA GPU ({why}); leave out {flag} to train in fp32")
 
 
 def fail(error) -> None:

@@ -1,49 +1,98 @@
-"""Registers the GradInit tasks, and gives fairseq's own tasks of the same kind the flags.
+"""Gives every fairseq task the --gradinit flags, including tasks registered after the plugin.
 
-``translation_gradinit`` and ``language_modeling_gradinit`` are the explicit tasks. Users who never pass ``--task`` get the
-same behaviour because the plugin puts the same class under the name ``translation``
-(in fairseq's two task registries and in hydra's ConfigStore, which builds the config
-from the command line). Without --gradinit both behave exactly like fairseq's own task.
+Importing the plugin puts, for each name in fairseq's task registry, a subclass of the
+registered class with ``GradInitTaskMixin`` in front (same class name, same behaviour
+without --gradinit), and extends the task's config the same way everywhere fairseq reads
+it: the dataclass registry, hydra's ConfigStore (``fairseq-hydra-train`` YAML), the
+argparse flags built from the dataclass, and ``add_args`` for legacy tasks without a
+dataclass. ``fairseq.tasks.register_task`` is wrapped so that a task registered later
+(a user's own ``--user-dir`` importing this package first, say) gets the same::
+
+    import fairseq_gradinit                      # any time: before or after the tasks below
+    from fairseq.tasks import register_task
+
+    @register_task("my_task", dataclass=MyConfig)
+    class MyTask(TranslationTask): ...          # --task my_task --gradinit works
+
+``translation_gradinit`` and ``language_modeling_gradinit`` remain as aliases of the
+extended ``translation`` and ``language_modeling`` tasks (earlier releases had only them).
 """
-from dataclasses import dataclass
+import dataclasses
 
-from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
-from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
+import fairseq.tasks as fairseq_tasks
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 from hydra.core.config_store import ConfigStore
 
 from .config import GradInitConfig
 from .hook import GradInitTaskMixin
 
-
-@dataclass
-class GradInitTranslationConfig(TranslationConfig, GradInitConfig):
-    pass
+ALIASES = {"translation_gradinit": "translation", "language_modeling_gradinit": "language_modeling"}
 
 
-@register_task("translation_gradinit", dataclass=GradInitTranslationConfig)
-class GradInitTranslationTask(GradInitTaskMixin, TranslationTask):
-    """fairseq's translation task, with GradInit before the first update (--gradinit)."""
+class _LegacyFlags:
+    """--gradinit* flags for a legacy task, which declares its flags in ``add_args``."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        gen_parser_from_dataclass(parser, GradInitConfig())
 
 
-@dataclass
-class GradInitLanguageModelingConfig(LanguageModelingConfig, GradInitConfig):
-    pass
+def with_gradinit(name: str):
+    """Replace the task registered as ``name`` by its GradInit-enabled subclass; return it."""
+    task = TASK_REGISTRY[name]
+    if issubclass(task, GradInitTaskMixin):
+        return task
+    config = TASK_DATACLASS_REGISTRY.get(name)
+    bases = (GradInitTaskMixin, task) if config is not None else (GradInitTaskMixin, _LegacyFlags, task)
+    extended = type(task.__name__, bases, {
+        "__doc__": task.__doc__, "__module__": task.__module__, "__qualname__": task.__qualname__,
+        "gradinit_task_name": name,
+    })  # fmt: skip
+    if config is not None:
+        config = dataclasses.make_dataclass(config.__name__, [], bases=(config, GradInitConfig))
+        # fairseq's FairseqTask.add_args builds the argparse flags from this attribute.
+        setattr(extended, "__dataclass", config)
+        _store(name, config)
+    TASK_REGISTRY[name] = extended
+    return extended
 
 
-@register_task("language_modeling_gradinit", dataclass=GradInitLanguageModelingConfig)
-class GradInitLanguageModelingTask(GradInitTaskMixin, LanguageModelingTask):
-    """fairseq's language-modeling task, with GradInit before the first update (--gradinit)."""
-
-
-def replace_task(name: str, task_cls, config_cls) -> None:
-    """Make ``--task name`` (or fairseq's default task) build ``task_cls``."""
-    TASK_REGISTRY[name] = task_cls
-    TASK_DATACLASS_REGISTRY[name] = config_cls
-    node = config_cls()
+def _store(name: str, config) -> None:
+    TASK_DATACLASS_REGISTRY[name] = config
+    node = config()
     node._name = name
     ConfigStore.instance().store(name=name, group="task", node=node, provider="fairseq_gradinit")
 
 
-replace_task("translation", GradInitTranslationTask, GradInitTranslationConfig)
-replace_task("language_modeling", GradInitLanguageModelingTask, GradInitLanguageModelingConfig)
+_fairseq_register_task = fairseq_tasks.register_task
+
+
+def register_task(name, dataclass=None):
+    """fairseq's ``register_task``, then :func:`with_gradinit` on the new task."""
+    register = _fairseq_register_task(name, dataclass)
+
+    def register_task_cls(cls):
+        registered = register(cls)
+        if TASK_REGISTRY.get(name) is cls:  # not a name taken before
+            with_gradinit(name)
+        return registered  # the user's own class, so their subclasses get one mixin only
+
+    return register_task_cls
+
+
+register_task.__doc__ = (register_task.__doc__ or "") + (_fairseq_register_task.__doc__ or "")
+
+
+def install() -> None:
+    for name in list(TASK_REGISTRY):
+        with_gradinit(name)
+    for alias, name in ALIASES.items():
+        TASK_REGISTRY[alias] = TASK_REGISTRY[name]
+        if name in TASK_DATACLASS_REGISTRY:
+            _store(alias, TASK_DATACLASS_REGISTRY[name])
+    fairseq_tasks.register_task = register_task
+
+
+install()

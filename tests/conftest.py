@@ -11,6 +11,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "fairseq_gradinit")
 BIN = Path(sys.executable).parent
+# Raw Multi30k in shared/ beside the checkout (CI), or beside the worktrees' folder.
+MULTI30K = os.environ.get("MULTI30K") or next(
+    (str(p) for p in (ROOT.parent / "shared" / "data" / "multi30k", ROOT.parent.parent / "shared" / "data" / "multi30k") if p.is_dir()),
+    str(ROOT.parent / "shared" / "data" / "multi30k"),
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "official: also run against the official fairseq 0.12.2 release (make test-official)",
+    )
+
+
+def official_fairseq() -> bool:
+    """True in the environment of `make test-official`: the official fairseq 0.12.2 release."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fairseq") == "0.12.2"
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def installed_user_dir():
+    """Where fairseq finds `--user-dir fairseq_gradinit` from a directory without one: next
+    to its own package (site-packages), if the plugin is installed there; else None."""
+    import fairseq.utils
+
+    path = os.path.join(os.path.dirname(fairseq.utils.__file__), "..", "fairseq_gradinit")
+    return path if os.path.isfile(os.path.join(path, "__init__.py")) else None
 
 # A 1+1 layer, 16-wide Post-LN transformer: the literal user command with a tiny model.
 TINY_ARCH = (

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, PLUGIN, TINY_ARCH, USER_COMMAND, fairseq, read_json, train
+from conftest import BIN, PLUGIN, TINY_ARCH, USER_COMMAND, fairseq, official_fairseq, read_json, train
 
 
 def ok(proc):
@@ -34,6 +34,7 @@ def runs(data_bin, tmp_path_factory):
     return root, logs
 
 
+@pytest.mark.official
 def test_users_literal_command_runs_gradinit_then_trains(runs):
     root, logs = runs
     assert "GradInit done" in logs["default"] and "num_updates=4" in logs["default"]
@@ -57,6 +58,7 @@ def test_log_line_every_ten_iterations_names_branch_losses_norm_and_scales(runs)
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.official
 def test_explicit_task_behaves_like_the_default_translation_task(runs):
     root, _ = runs
     a = read_json(root / "default" / "gradinit_scales.json")
@@ -70,6 +72,7 @@ def test_same_seed_gives_identical_scales_and_another_seed_differs(runs):
     assert a == b and a != c
 
 
+@pytest.mark.official
 def test_without_gradinit_the_plugin_changes_nothing_about_training(data_bin, tmp_path):
     base = [data_bin, *[a for a in USER_COMMAND if a not in ("--user-dir", PLUGIN, "--gradinit")],
             *TINY_ARCH, "--cpu", "--max-update", "3", "--seed", "3", "--no-progress-bar"]  # fmt: skip
@@ -78,10 +81,14 @@ def test_without_gradinit_the_plugin_changes_nothing_about_training(data_bin, tm
     stock = model_state(tmp_path / "stock" / "checkpoint_last.pt")["model"]
     plugin = model_state(tmp_path / "plugin" / "checkpoint_last.pt")["model"]
     assert stock.keys() == plugin.keys()
-    assert all(torch.equal(stock[k], plugin[k]) for k in stock)
+    # Official fairseq 0.12.2's positional embeddings keep an uninitialized one-element
+    # buffer (_float_tensor) in the state dict: it differs between two stock runs too.
+    weights = [k for k in stock if not k.endswith("._float_tensor")]
+    assert all(torch.equal(stock[k], plugin[k]) for k in weights)
     assert not (tmp_path / "plugin" / "gradinit_scales.json").exists()
 
 
+@pytest.mark.official
 def test_resume_from_checkpoint_does_not_run_gradinit_again_and_keeps_the_scales(data_bin, runs, tmp_path):
     root, logs = runs
     assert logs["default"].count("GradInit done") == 1
@@ -121,6 +128,7 @@ def gradinit_only(data_bin, tmp_path_factory):
     return save_dir, ok(train(data_bin, save_dir, "--gradinit-only"))
 
 
+@pytest.mark.official
 def test_gradinit_only_writes_a_checkpoint_of_scaled_weights_that_stock_fairseq_trains_from(data_bin, gradinit_only, tmp_path):
     save_dir, log = gradinit_only
     assert "--gradinit-only" in log and "num_updates=" not in log
@@ -142,6 +150,7 @@ def test_gradinit_only_writes_a_checkpoint_of_scaled_weights_that_stock_fairseq_
     assert "num_updates=2" in log or "num_updates 2" in log
 
 
+@pytest.mark.official
 def test_restoring_the_gradinit_checkpoint_with_the_plugin_does_not_run_gradinit_again(data_bin, gradinit_only, tmp_path):
     save_dir, _ = gradinit_only
     log = ok(train(data_bin, tmp_path / "ck", "--restore-file", save_dir / "checkpoint_gradinit.pt",
@@ -149,6 +158,11 @@ def test_restoring_the_gradinit_checkpoint_with_the_plugin_does_not_run_gradinit
     assert "GradInit done" not in log and "GradInit not run" in log
 
 
+@pytest.mark.skipif(
+    official_fairseq(),
+    reason="official fairseq 0.12.2's own fairseq-generate fails on torch 2.x with or without "
+    "the plugin ('Mask Type should be defined', its fused encoder path)",
+)
 def test_generate_decodes_a_gradinit_checkpoint(data_bin, runs):
     root, _ = runs
     log = ok(fairseq("fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path",
@@ -210,6 +224,7 @@ def test_an_optimizer_of_unknown_first_step_asks_for_gradinit_optimizer(data_bin
     assert _setup_task(data_bin, "--gradinit-optimizer", "sgd", command=command) is not None
 
 
+@pytest.mark.official
 def test_a_bad_flag_ends_fairseq_train_with_one_line_and_no_traceback(data_bin, tmp_path):
     proc = train(data_bin, tmp_path / "ck", "--gradinit-iters", "0")
     assert proc.returncode != 0
@@ -264,6 +279,7 @@ def test_gradinit_load_of_a_missing_file_is_refused_at_setup(data_bin, tmp_path)
         _setup_task(data_bin, "--gradinit-load", str(tmp_path / "none.json"))
 
 
+@pytest.mark.official
 def test_language_modeling_task_takes_gradinit_too(data_bin, tmp_path):
     raw = os.path.join(os.path.dirname(os.path.dirname(data_bin)), "raw")
     lm_bin = tmp_path / "lm-bin"

@@ -1,4 +1,5 @@
 """Pieces of the fairseq hook that need no training run."""
+import math
 import types
 
 import pytest
@@ -41,3 +42,14 @@ def test_without_a_master_copy_the_model_itself_is_scaled():
     before = model.weight.detach().clone()
     scale_training_weights(model, types.SimpleNamespace(), {"weight": 0.25})
     assert torch.equal(model.weight, before * 0.25)
+
+
+def test_logged_losses_are_in_bits_like_fairseqs_and_the_norm_is_left_alone():
+    from fairseq_gradinit.core import IterationRecord
+    from fairseq_gradinit.hook import _stats
+
+    nats = IterationRecord(10, "objective", 3 * math.log(2), 2 * math.log(2), 7.5, 9.0, 0.5, 1.0, 1.5)
+    stats = _stats(nats)
+    assert stats["loss_S"] == 3.0 and stats["loss_S~"] == 2.0
+    assert stats["gnorm"] == 7.5 and stats["gamma"] == 9.0
+    assert _stats(IterationRecord(11, "constraint", math.log(2), None, 1, 1, 1, 1, 1))["loss_S~"] == "-"

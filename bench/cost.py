@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import machine_line  # noqa: E402
 from multi30k import prepare_multi30k  # noqa: E402
 
 MODELS = {
@@ -207,6 +208,7 @@ def report(rows, args):
               f"| {ratio('constraint', 'peak_mb', MEMORY_TARGET)} "
               f"| {ratio('autograd', 'peak_mb', MEMORY_TARGET)} | {share:.2%} |")  # fmt: skip
     print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)}")
+    print(machine_line(args.device))
 
 
 if __name__ == "__main__":

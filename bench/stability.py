@@ -35,6 +35,7 @@ if __name__ == "__main__" and VENV_PY.exists() and Path(sys.prefix).resolve() !=
     os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import machine_line  # noqa: E402
 from multi30k import prepare_multi30k  # noqa: E402
 
 METHODS = ("vanilla", "warmup", "gradinit", "preln")
@@ -220,7 +221,8 @@ def write_outputs(results, out: Path, a) -> str:
     sigs = {r["bleu"]["signature"] for r in results if r.get("bleu")}
     lines += ["", *(f"BLEU: sacrebleu, {s}" for s in sigs)]
     lines += [f"{r['method']}-seed{r['seed']}: {r['gradinit']}" for r in results if r.get("gradinit")]
-    lines += ["", verdict(results, steps), "", "command: " + " ".join(["bench/stability.py", *sys.argv[1:]])]
+    lines += ["", verdict(results, steps), "", "command: " + " ".join(["bench/stability.py", *sys.argv[1:]]),
+              machine_line("cpu" if a.cpu else "cuda")]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     plot(results, methods, out / "curves.png")

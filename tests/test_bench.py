@@ -32,6 +32,7 @@ def test_stability_bench_trains_every_method_and_writes_table_curves_and_bleu(da
     assert "--warmup-updates 2" in (out / "warmup-seed1" / "command.txt").read_text()
     table = (out / "results.md").read_text()
     assert "| gradinit |" in table and "@4" in table and "verdict:" in table
+    assert "\nmachine: " in table and " CPU cores, torch " in table and "; date: " in table
     assert (out / "curves.png").stat().st_size > 1000
 
 

@@ -43,7 +43,7 @@ METHODS = ("vanilla", "warmup", "gradinit", "preln")
 #: Model and schedule of each scale. "cpu" is issue 7's setting (6+6 layers, 256 wide, 4
 #: heads, FFN 1024, dropout 0.1); "iwslt" is the paper's model and regularization.
 #: GradInit: the plugin's defaults (eta = lr, gamma 1.25 x the first l1 norm), and for
-#: the short CPU run 80 iterations at tau 1.5e-2 (README "Short GradInit runs").
+#: the short CPU run 80 iterations at tau 1.5e-2 (docs/defaults.md, "Short GradInit runs").
 SCALES = {
     "cpu": dict(
         model=["--arch", "transformer", "--encoder-layers", "6", "--decoder-layers", "6",

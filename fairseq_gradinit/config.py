@@ -31,7 +31,7 @@ SGD_GAMMA = 1.0
 #: GradInit iteration. The l1 norm grows with the number of parameters (measured: about
 #: 2.5e4 for transformer_iwslt_de_en, 1.2e4 for a 6+6-layer 256-wide model), so no
 #: absolute bound suits every model size; this one lets GradInit lower the loss freely
-#: but never grow the gradient by more than a quarter. See README "Defaults".
+#: but never grow the gradient by more than a quarter. See docs/defaults.md.
 ADAM_GAMMA_FACTOR = 1.25
 
 
@@ -57,7 +57,7 @@ class GradInitConfig(FairseqDataclass):
         metadata={
             "help": "bound on the initial gradient norm (l1 for Adam, l2 for SGD); "
             "default: 1 for SGD (paper); for Adam 1.25 x the l1 norm at the first "
-            "iteration (see README 'Defaults')"
+            "iteration (see docs/defaults.md)"
         },
     )
     gradinit_lr: float = field(
@@ -179,7 +179,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
     size as model training", 4.1.1): S and S~ are 2/3 of it each, so an objective
     iteration costs about 4/3 of a training batch's forward and backward passes.
     Measured on Multi30k, this learned scales as good as 1.5 x the batch did, in 40%
-    less time (README "Defaults"). --gradinit-max-tokens replaces the token limit.
+    less time (docs/defaults.md). --gradinit-max-tokens replaces the token limit.
     """
     if cfg.gradinit_max_tokens is not None and cfg.gradinit_max_tokens < 2:
         raise GradInitError(f"must be >= 2 (got {cfg.gradinit_max_tokens})", "max_tokens")

@@ -309,12 +309,12 @@ def run_info(save_dir: str, batches: Optional[int] = None) -> RunInfo:
 CURVES = {
     "weights.png": (
         "weight_before", "weight_after",
-        "||W||_1 / numel  (mean |w| of the tensor)",
+        "mean |w| = ||W||_1 / numel",
         "weight magnitude per tensor",
     ),
     "gradients.png": (
         "grad_std_before", "grad_std_after",
-        "sigma(g)  (gradient of the loss in nats per token)",
+        "sigma(g), loss in nats/token",
         "gradient spread per tensor: std over {batches} training batches, mean over elements",
     ),
 }
@@ -360,12 +360,16 @@ def figures(rows: List[Row], run: Optional[RunInfo] = None) -> Dict:
                 ax.set_xlabel("tensor")
                 ax.set_ylabel(ylabel)
                 continue
-            x = list(range(len(panel)))
             initial, final = [getattr(r, before) for r in panel], [getattr(r, after) for r in panel]
-            ax.plot(x, initial, "o-", color=INITIAL, markersize=3.5, linewidth=1, label="initial (fairseq)")
-            ax.plot(x, final, "s--", color=GRADINIT, markersize=3.5, linewidth=1, label="after GradInit")
+            # One line per stack: the last encoder and first decoder tensor are not neighbours.
+            for k, (start, stop) in enumerate(_stack_spans(panel)):
+                x = list(range(start, stop))
+                ax.plot(x, initial[start:stop], "o-", color=INITIAL, markersize=3.5, linewidth=1,
+                        label=None if k else "initial (fairseq)")
+                ax.plot(x, final[start:stop], "s--", color=GRADINIT, markersize=3.5, linewidth=1,
+                        label=None if k else "after GradInit")
             log = _y_axis(ax, initial + final)
-            ax.set_ylabel(ylabel + (", log scale" if log else ""))
+            ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
             _tensor_ticks(ax, panel)
             _stack_divider(ax, panel)
             ax.grid(True, which="major", alpha=0.35)
@@ -392,6 +396,16 @@ def _tensor_ticks(ax, panel: List[Row]) -> None:
     ax.set_xticks(ticks, [panel[i].label for i in ticks], rotation=90, fontsize=7)
     ax.set_xlim(-0.6, len(panel) - 0.4)  # no empty margin before the first tensor
     ax.set_xlabel("tensor (E = encoder, D = decoder, then the layer; 'self'/'enc' = self-/encoder-attention)")
+
+
+def _stack_spans(panel: List[Row]):
+    """(start, stop) index ranges of consecutive rows of the same stack."""
+    spans, start = [], 0
+    for i in range(1, len(panel) + 1):
+        if i == len(panel) or panel[i].name.split(".", 1)[0] != panel[start].name.split(".", 1)[0]:
+            spans.append((start, i))
+            start = i
+    return spans
 
 
 def _stack_divider(ax, panel: List[Row]) -> None:
@@ -490,9 +504,10 @@ def _scales_figure(rows: List[Row], heading: str):
                             color="white" if dark else "black")
         ax.set_xticks(range(len(layers)), ["stack" if c == "-" else c for c in layers], fontsize=8)
         ax.set_yticks(range(len(parts)), parts, fontsize=8)
-        ax.set_xlabel("layer ('stack': embeddings and the stack's own LayerNorm)" if side != "model" else "")
+        ax.set_xlabel("layer" if side != "model" else "")
         ax.set_title(side, fontsize=11)
-    axes[0].set_ylabel("tensor of the layer ('b' = bias; grey: none scaled)")
+    axes[0].set_ylabel("tensor of the layer ('b' = bias)")
+    fig.supxlabel("column 'stack': the stack's embeddings and own LayerNorm; grey: no scaled tensor there", fontsize=9)
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.01)
     bar.set_label("scale (blue < 1: scaled down; red > 1: scaled up)")
     return fig

@@ -88,9 +88,10 @@ def test_pipeline_train_evaluate_collect(prepared, tmp_path):
     r = run(PY, HERE / "collect.py", tmp_path / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     table = out.read_text()
-    assert "| method | lr | beta2 | BLEU (mean +- std) |" in table
+    assert "| method | lr | beta2 | updates | size | other flags | BLEU (mean +- std) |" in table
     row = [line for line in table.splitlines() if line.startswith("| gradinit-adam")]
-    assert len(row) == 1 and "| 0.0005 | 0.98 |" in row[0] and "| 1/1 |" in row[0]  # BLEU < 1
+    assert len(row) == 1 and "| 0.0005 | 0.98 | 3 | small | --gradinit-iters 3 --encoder-layers 1 " in row[0]
+    assert "| 1/1 |" in row[0] and f"- diverged: {save} (BLEU " in table  # BLEU < 1
 
 
 def test_sweep_loss_grid(prepared, tmp_path):

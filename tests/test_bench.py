@@ -85,3 +85,5 @@ def test_cost_bench_prints_every_ratio_with_its_target(data_bin):
     assert all(c.endswith(" ok") or "MISSES" in c for c in ratios), row
     assert all(float(c.split("x")[0]) > 0 for c in ratios)
     assert cells[9].endswith("%")
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("command: ") and last[1].startswith("machine: ") and "; date: " in last[1], last

@@ -484,11 +484,17 @@ def _scales_figure(rows: List[Row], heading: str):
     tallest = max((len(p) for _, p, _, _ in grids), default=1)
     widest = sum(len(c) for _, _, c, _ in grids) or 1
     fig = Figure(
-        figsize=(min(18.0, max(8.0, 0.55 * widest + 2.5 * len(grids))), min(30.0, max(5.0, 0.28 * tallest + 2.2))),
-        dpi=100, layout="constrained",
+        figsize=(
+            min(18.0, max(8.0, 0.55 * widest + 2.5 * len(grids))),
+            min(30.0, max(5.0, 0.28 * tallest + 2.2)),
+        ),
+        dpi=100,
+        layout="constrained",
     )
-    fig.suptitle(f"{heading}\nGradInit scale of every scaled tensor (weights = scale x initial tensor)", fontsize=12)
-    axes = fig.subplots(1, len(grids), width_ratios=[max(3, len(c)) for _, _, c, _ in grids], squeeze=False)[0]
+    fig.suptitle(f"{heading}\nGradInit scale of every scaled tensor (weights = scale x initial tensor)",
+                 fontsize=12)
+    ratios = [max(3, len(columns)) for _, _, columns, _ in grids]
+    axes = fig.subplots(1, len(grids), width_ratios=ratios, squeeze=False)[0]
     image = None
     for ax, (side, parts, layers, cells) in zip(axes, grids):
         data = np.full((len(parts), len(layers)), np.nan)
@@ -500,14 +506,15 @@ def _scales_figure(rows: List[Row], heading: str):
             for (i, j), value in np.ndenumerate(data):
                 if not np.isnan(value):
                     dark = abs(norm(value) - 0.5) > 0.35
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7 if len(layers) <= 12 else 5.5,
-                            color="white" if dark else "black")
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+                            fontsize=7 if len(layers) <= 12 else 5.5, color="white" if dark else "black")
         ax.set_xticks(range(len(layers)), ["stack" if c == "-" else c for c in layers], fontsize=8)
         ax.set_yticks(range(len(parts)), parts, fontsize=8)
         ax.set_xlabel("layer" if side != "model" else "")
         ax.set_title(side, fontsize=11)
     axes[0].set_ylabel("tensor of the layer ('b' = bias)")
-    fig.supxlabel("column 'stack': the stack's embeddings and own LayerNorm; grey: no scaled tensor there", fontsize=9)
+    fig.supxlabel("column 'stack': the stack's embeddings and own LayerNorm; grey: no scaled tensor there",
+                  fontsize=9)
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.01)
     bar.set_label("scale (blue < 1: scaled down; red > 1: scaled up)")
     return fig

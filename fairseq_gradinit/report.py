@@ -478,7 +478,12 @@ def _scales_figure(rows: List[Row], heading: str):
         layers.sort(key=lambda c: -1 if c == "-" else int(c))
         grids.append((side, parts, layers, cells))
 
-    scales = [r.scale for r in rows] or [1.0]
+    if not grids:
+        fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
+        fig.suptitle(heading, fontsize=12)
+        fig.subplots().text(0.5, 0.5, "no scaled tensors", ha="center")
+        return fig
+    scales = [r.scale for r in rows]
     low, high = min(min(scales), 0.99), max(max(scales), 1.01)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=low, vmax=high)
     tallest = max((len(p) for _, p, _, _ in grids), default=1)

@@ -279,3 +279,8 @@ def test_run_info_comes_from_the_save_dir(run):
     assert info.name == run.name and info.target == "adam" and info.iterations == 6
     assert info.constraint_iterations == read_json(run / "gradinit_scales.json")["constraint_iterations"]
     assert info.title().startswith(f"{run.name}: GradInit for Adam, 6 iterations, ")
+
+
+def test_a_run_without_scaled_tensors_still_gets_its_three_figures(tmp_path):
+    paths = report.plot([], str(tmp_path), RUN)
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths) == PLOTS

@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
-# ve-fairseq: a cp311 wheel of fairseq 0.12 (no compile step); see README "Why this fairseq".
+# ve-fairseq: a cp311 wheel of fairseq 0.12 (no compile step); see README "Install".
 FAIRSEQ := ve-fairseq==0.12.3
 STAMP := $(VENV)/.installed
 DATA ?=
@@ -24,11 +24,13 @@ OFFICIAL_TESTS ?= -m official
 
 install: $(STAMP)
 
+# --no-warn-conflicts: ve-fairseq declares torchaudio, which is left out on purpose (the
+# text tasks never import it, and pip would pull a torch build of its own choosing).
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet --no-deps $(FAIRSEQ)
-	$(PY) -m pip install --quiet $(TORCH) -r requirements.txt
+	$(PY) -m pip install --quiet --no-warn-conflicts $(TORCH) -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@# `--user-dir fairseq_gradinit` from any directory: fairseq looks for a --user-dir that
 	@# is not in the working directory next to its own package, where an editable install

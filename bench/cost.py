@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import machine_line  # noqa: E402
 from multi30k import prepare_multi30k  # noqa: E402
 
 MODELS = {
@@ -282,6 +283,7 @@ def table(rows, args):
     seconds = time.perf_counter() - START
     print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, os.getcwd())] + sys.argv)} "
           f"(whole bench: {seconds / 60:.0f} min)")  # fmt: skip
+    print(machine_line(args.device))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ if __name__ == "__main__" and VENV_PY.exists() and Path(sys.prefix).resolve() !=
     os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import machine_line  # noqa: E402
 from multi30k import prepare_multi30k  # noqa: E402
 
 METHODS = ("vanilla", "warmup", "gradinit", "preln")
@@ -47,7 +48,7 @@ FLOOR_SLACK = 1.01
 #: Model and schedule of each scale. "cpu" is issue 7's setting (6+6 layers, 256 wide, 4
 #: heads, FFN 1024, dropout 0.1); "iwslt" is the paper's model and regularization.
 #: GradInit: the plugin's defaults (eta = lr, gamma 1.25 x the first l1 norm), and for
-#: the short CPU run 80 iterations at tau 1.5e-2 (README "Short GradInit runs").
+#: the short CPU run 80 iterations at tau 1.5e-2 (docs/defaults.md, "Short GradInit runs").
 SCALES = {
     "cpu": dict(
         model=["--arch", "transformer", "--encoder-layers", "6", "--decoder-layers", "6",
@@ -279,7 +280,8 @@ def write_outputs(results, out: Path, a) -> str:
     pinned = [f"{r['method']}-seed{r['seed']}: {len(r['floor'])} at the floor: {', '.join(r['floor'])}"
               for r in results if r.get("floor")]
     lines += ["", "Weight tensors GradInit pinned at --gradinit-min-scale:", "", *pinned] if pinned else []
-    lines += ["", verdict(results, steps), "", "command: " + " ".join(["bench/stability.py", *sys.argv[1:]])]
+    lines += ["", verdict(results, steps), "", "command: " + " ".join(["bench/stability.py", *sys.argv[1:]]),
+              machine_line("cpu" if a.cpu else "cuda")]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     plot(results, methods, out / "curves.png")

@@ -261,7 +261,7 @@ def gradinit_max_tokens(cfg) -> Tuple[Optional[int], Optional[int]]:
     passes. The paper computes g on a batch S of the training batch size (4.1.1, on
     CIFAR-10) and the authors' IWSLT'14 run drew S of about one training batch; S here
     is 2/3 of one, which on Multi30k learned scales as good as a 1.5 x batch (S = one
-    training batch) did, in 40% less time (README "Defaults"). --gradinit-max-tokens
+    training batch) did, in 40% less time (docs/defaults.md). --gradinit-max-tokens
     replaces the token limit.
     """
     cfg = run_config(cfg)

@@ -212,7 +212,8 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         f"GradInit: {len(scaled)} tensors scaled, {settings.iters} iterations, "
         f"target {settings.target} (eta {settings.eta:g}, l{settings.norm_order} gamma "
         f"{_gamma_text(settings)}), batches of {_batch_text(max_tokens, max_sentences)} "
-        f"split with overlap {cfg.gradinit_overlap}"
+        f"split with overlap {cfg.gradinit_overlap}; loss_S and loss_S~ in bits (base 2, "
+        "as fairseq logs losses), gnorm of the loss in nats"
     )
 
     work = fp32_model(model)
@@ -245,7 +246,10 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
         _check_workers_agree(model, result.scales, world)
     last = result.history[-1]
     branches = sum(r.branch == "constraint" for r in result.history)
-    progress.print(_stats(last), tag="gradinit", step=settings.iters)
+    if settings.iters % LOG_INTERVAL or isinstance(progress, progress_bar.TqdmProgressBar):
+        # progress.log already printed the last iteration when it fell on the interval,
+        # except on a tqdm bar, which only shows it in the postfix it erases.
+        progress.print(_stats(last), tag="gradinit", step=settings.iters)
     logger.info(
         f"GradInit done in {result.seconds:.1f}s: {branches}/{settings.iters} iterations "
         f"in the constraint branch; scales min {last.scale_min:.3f} mean "
@@ -506,10 +510,11 @@ class _Sized:
 
 
 def _stats(record) -> Dict:
+    """One iteration for the log; losses in bits like fairseq's (core computes in nats)."""
     stats = {
         "branch": record.branch,
-        "loss_S": round(record.loss_s, 4),
-        "loss_S~": "-" if record.loss_s_tilde is None else round(record.loss_s_tilde, 4),
+        "loss_S": round(record.loss_s / math.log(2), 4),
+        "loss_S~": "-" if record.loss_s_tilde is None else round(record.loss_s_tilde / math.log(2), 4),
         "gnorm": round(record.grad_norm, 4),
         "gamma": round(record.gamma, 4),
         "scale_min": round(record.scale_min, 4),

@@ -15,7 +15,8 @@ It writes ``report.md`` (also printed), ``weights.png``, ``gradients.png`` and
 ``scales.png``. From Python::
 
     rows = collect(save_dir, data_bin, batches=8)
-    write_markdown(rows, "report.md"); plot(rows, "plots/"); print(summary(rows))
+    write_markdown(rows, "report.md"); plot(rows, "plots/", run_info(save_dir, 8))
+    print(summary(rows))
 """
 import argparse
 import contextlib
@@ -272,49 +273,256 @@ def summary(rows: List[Row], top: int = 3) -> str:
     return "GradInit scaled down most: " + "; ".join(parts)
 
 
-def plot(rows: List[Row], out_dir: str) -> List[str]:
+@dataclass
+class RunInfo:
+    """What the plots' titles say about the run; from ``run_info``."""
+
+    name: str  # the save dir's name
+    target: str  # the optimizer GradInit tuned for: "adam" or "sgd"
+    iterations: int
+    constraint_iterations: Optional[int] = None
+    batches: Optional[int] = None  # training batches behind sigma(g)
+
+    def title(self) -> str:
+        target = {"adam": "Adam", "sgd": "SGD"}.get(self.target, self.target)
+        branch = (
+            "" if self.constraint_iterations is None
+            else f", {self.constraint_iterations} in the constraint branch"
+        )
+        return f"{self.name}: GradInit for {target}, {self.iterations} iterations{branch}"
+
+
+def run_info(save_dir: str, batches: Optional[int] = None) -> RunInfo:
+    """The RunInfo of a save dir, from its gradinit_scales.json."""
+    payload, _ = _find_inputs(save_dir)
+    settings = payload.get("settings") or {}
+    return RunInfo(
+        name=os.path.basename(os.path.normpath(save_dir)),
+        target=str(settings.get("target", "?")),
+        iterations=int(payload.get("iterations") or settings.get("iters") or 0),
+        constraint_iterations=payload.get("constraint_iterations"),
+        batches=batches,
+    )
+
+
+#: The figures: file name -> (row attribute before, after, y-axis label, what it shows).
+CURVES = {
+    "weights.png": (
+        "weight_before", "weight_after",
+        "mean |w| = ||W||_1 / numel",
+        "weight magnitude per tensor",
+    ),
+    "gradients.png": (
+        "grad_std_before", "grad_std_after",
+        "sigma(g), loss in nats/token",
+        "gradient spread per tensor: std over {batches} training batches, mean over elements",
+    ),
+}
+INITIAL, GRADINIT = "tab:blue", "tab:orange"
+
+
+def plot(rows: List[Row], out_dir: str, run: Optional[RunInfo] = None) -> List[str]:
     """weights.png, gradients.png (Figures 7/8 of the paper) and scales.png; returns paths."""
-    # Figure + savefig, not pyplot: no GUI backend and no global state to disturb.
+    os.makedirs(out_dir, exist_ok=True)
+    return [_save(fig, out_dir, name) for name, fig in figures(rows, run).items()]
+
+
+def figures(rows: List[Row], run: Optional[RunInfo] = None) -> Dict:
+    """The report's matplotlib Figures by file name (``plot`` saves them).
+
+    weights.png and gradients.png: one panel for linear layers and embeddings, one for
+    LayerNorm weights; x is the tensor (encoder then decoder, a dashed line between them),
+    y the statistic, initial and after GradInit. scales.png: one heat map per stack
+    (rows: sublayer kind, columns: layer), so that hundreds of tensors stay legible.
+    """
+    # Figure, not pyplot: no GUI backend and no global state to disturb.
     from matplotlib.figure import Figure
 
-    os.makedirs(out_dir, exist_ok=True)
+    run = run or RunInfo(name="GradInit run", target="?", iterations=0)
+    heading = run.title() if run.iterations else run.name
     panels = [
-        ("linear layers", [r for r in rows if r.kind == "linear" and not r.is_bias]),
+        ("linear layers and embeddings", [r for r in rows if r.kind in ("linear", "embedding") and not r.is_bias]),
         ("LayerNorm weights", [r for r in rows if r.kind == "layernorm" and not r.is_bias]),
     ]
-    paths = []
-    for filename, what, before, after in (
-        ("weights.png", "|W|_1 / numel", "weight_before", "weight_after"),
-        ("gradients.png", "sigma(g): per-element std over batches, averaged", "grad_std_before", "grad_std_after"),
-    ):  # fmt: skip
-        width = max(8.0, 0.25 * max(len(p) for _, p in panels))
-        fig = Figure(figsize=(width, 8), dpi=100, layout="constrained")
+    shown = sum(len(p) for _, p in panels)
+    left_out = _left_out(rows, panels)
+    out = {}
+    for filename, (before, after, ylabel, what) in CURVES.items():
+        width = min(16.0, max(9.0, 0.13 * max(len(p) for _, p in panels)))
+        fig = Figure(figsize=(width, 9), dpi=100, layout="constrained")
+        note = (f"\n{shown} of {len(rows)} scaled tensors shown; not shown: {left_out} (their scales "
+                "are in scales.png)") if left_out else ""
+        fig.suptitle(f"{heading}\n{what.format(batches=run.batches or 'N')}{note}", fontsize=11)
         for ax, (title, panel) in zip(fig.subplots(2, 1), panels):
-            ax.set_title(f"{title}: {what}")
+            ax.set_title(title, fontsize=11)
             if not panel:
                 ax.text(0.5, 0.5, "no scaled tensors of this kind", ha="center", transform=ax.transAxes)
+                ax.set_xlabel("tensor")
+                ax.set_ylabel(ylabel)
                 continue
-            x = range(len(panel))
-            values = [getattr(r, before) for r in panel] + [getattr(r, after) for r in panel]
-            ax.plot(x, values[: len(panel)], "o-", label="initial")
-            ax.plot(x, values[len(panel) :], "s--", label="GradInit")
-            _log_y(ax, values)
-            ax.set_xticks(list(x), [r.label for r in panel], rotation=90, fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        paths.append(_save(fig, out_dir, filename))
+            initial, final = [getattr(r, before) for r in panel], [getattr(r, after) for r in panel]
+            # One line per stack: the last encoder and first decoder tensor are not neighbours.
+            for k, (start, stop) in enumerate(_stack_spans(panel)):
+                x = list(range(start, stop))
+                ax.plot(x, initial[start:stop], "o-", color=INITIAL, markersize=3.5, linewidth=1,
+                        label=None if k else "initial (fairseq)")
+                ax.plot(x, final[start:stop], "s--", color=GRADINIT, markersize=3.5, linewidth=1,
+                        label=None if k else "after GradInit")
+            log = _y_axis(ax, initial + final)
+            ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+            _tensor_ticks(ax, panel)
+            _stack_divider(ax, panel)
+            ax.grid(True, which="major", alpha=0.35)
+            ax.grid(True, which="minor", axis="y", alpha=0.15)
+            ax.legend(loc="best", fontsize=9)
+        out[filename] = fig
+    out["scales.png"] = _scales_figure(rows, heading)
+    return out
 
-    fig = Figure(figsize=(max(8.0, 0.2 * len(rows)), 5), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    colors = ["tab:blue" if r.scale < 1 else "tab:orange" for r in rows]
-    # Bars grow from 1 (no change), so that scales of 0.98 and 1.02 are told apart.
-    ax.bar(range(len(rows)), [r.scale - 1 for r in rows], bottom=1.0, color=colors)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("scale")
-    ax.set_title("GradInit scales (blue: scaled down; 'b' = bias)")
-    paths.append(_save(fig, out_dir, "scales.png"))
-    return paths
+
+def _left_out(rows: List[Row], panels) -> str:
+    shown = {id(r) for _, p in panels for r in p}
+    counts = defaultdict(int)
+    for r in rows:
+        if id(r) not in shown:
+            counts["biases" if r.is_bias else f"{r.kind} tensors"] += 1
+    return ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+
+
+def _tensor_ticks(ax, panel: List[Row]) -> None:
+    """One tick label per tensor ("E3 fc1"), thinned so that labels never overlap."""
+    every = max(1, math.ceil(len(panel) / 120))
+    ticks = list(range(0, len(panel), every))
+    ax.set_xticks(ticks, [panel[i].label for i in ticks], rotation=90, fontsize=7)
+    ax.set_xlim(-0.6, len(panel) - 0.4)  # no empty margin before the first tensor
+    ax.set_xlabel("tensor (E = encoder, D = decoder, then the layer; 'self'/'enc' = self-/encoder-attention)")
+
+
+def _stack_spans(panel: List[Row]):
+    """(start, stop) index ranges of consecutive rows of the same stack."""
+    spans, start = [], 0
+    for i in range(1, len(panel) + 1):
+        if i == len(panel) or panel[i].name.split(".", 1)[0] != panel[start].name.split(".", 1)[0]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def _stack_divider(ax, panel: List[Row]) -> None:
+    """A dashed line between the last encoder and the first decoder tensor, both named."""
+    sides = [r.name.split(".", 1)[0] for r in panel]
+    if "encoder" not in sides or "decoder" not in sides:
+        return
+    first = sides.index("decoder")
+    ax.axvline(first - 0.5, color="black", linestyle=":", linewidth=1.2, gid="stack-divider")
+    for x, text, ha in ((first - 0.7, "encoder", "right"), (first - 0.3, "decoder", "left")):
+        ax.text(x, 0.98, text, transform=ax.get_xaxis_transform(), ha=ha, va="top", fontsize=9,
+                fontweight="bold", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+
+
+def _y_axis(ax, values) -> bool:
+    """A log axis with ticks at 1, 2, 5 x 10^k where the values span a decade or more,
+    else a linear one (a log axis over 0.9-1.15 shows one or two ticks). Returns log."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) >= 10 * min(positive) and len(positive) == len(values):
+        ax.set_yscale("log")
+        decades = math.log10(max(positive) / min(positive))
+        subs = (1.0, 2.0, 3.0, 5.0, 7.0) if decades <= 2 else (1.0, 2.0, 5.0) if decades < 4 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=[k for k in range(1, 10) if k not in subs]))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        return True
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+    low, high = min(values), max(values)
+    pad = 0.08 * (high - low or abs(high) or 1.0)
+    ax.set_ylim(low - pad, high + pad)
+    return False
+
+
+def _position(row: Row):
+    """(stack, layer or None, sublayer label) of a row: ("encoder", 3, "fc1 b")."""
+    match = re.match(r"^(encoder|decoder)\.(?:layers\.(\d+)\.)?", row.name)
+    if match is None:
+        return "model", None, row.label
+    side, layer = match.group(1), match.group(2)
+    prefix = f"{SIDES[side]}{'' if layer is None else layer} "
+    part = row.label[len(prefix):] if row.label.startswith(prefix) else row.label
+    return side, None if layer is None else int(layer), part
+
+
+def _scales_figure(rows: List[Row], heading: str):
+    """Heat maps of the scales, one per stack: rows sublayer kinds, columns layers."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    stacks = defaultdict(list)
+    for r in rows:
+        stacks[_position(r)[0]].append(r)
+    names = [s for s in ("encoder", "decoder", "model") if s in stacks]
+    grids = []
+    for side in names:
+        parts, layers, cells = [], [], {}
+        for r in stacks[side]:
+            _, layer, part = _position(r)
+            if part not in parts:
+                parts.append(part)
+            column = "-" if layer is None else str(layer)
+            if column not in layers:
+                layers.append(column)
+            cells[(part, column)] = r.scale
+        # Layer columns in order, the stack's own tensors (embeddings, final LN) first.
+        layers.sort(key=lambda c: -1 if c == "-" else int(c))
+        grids.append((side, parts, layers, cells))
+
+    if not grids:
+        fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
+        fig.suptitle(heading, fontsize=12)
+        fig.subplots().text(0.5, 0.5, "no scaled tensors", ha="center")
+        return fig
+    scales = [r.scale for r in rows]
+    low, high = min(min(scales), 0.99), max(max(scales), 1.01)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=low, vmax=high)
+    tallest = max((len(p) for _, p, _, _ in grids), default=1)
+    widest = sum(len(c) for _, _, c, _ in grids) or 1
+    fig = Figure(
+        figsize=(
+            min(18.0, max(8.0, 0.55 * widest + 2.5 * len(grids))),
+            min(30.0, max(5.0, 0.28 * tallest + 2.2)),
+        ),
+        dpi=100,
+        layout="constrained",
+    )
+    fig.suptitle(f"{heading}\nGradInit scale of every scaled tensor (weights = scale x initial tensor)",
+                 fontsize=12)
+    ratios = [max(3, len(columns)) for _, _, columns, _ in grids]
+    axes = fig.subplots(1, len(grids), width_ratios=ratios, squeeze=False)[0]
+    image = None
+    for ax, (side, parts, layers, cells) in zip(axes, grids):
+        data = np.full((len(parts), len(layers)), np.nan)
+        for (part, column), value in cells.items():
+            data[parts.index(part), layers.index(column)] = value
+        image = ax.imshow(data, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_facecolor("0.9")  # cells without a scaled tensor
+        if len(layers) <= 20:  # numbers in the cells while they fit
+            for (i, j), value in np.ndenumerate(data):
+                if not np.isnan(value):
+                    dark = abs(norm(value) - 0.5) > 0.35
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+                            fontsize=7 if len(layers) <= 12 else 5.5, color="white" if dark else "black")
+        ax.set_xticks(range(len(layers)), ["stack" if c == "-" else c for c in layers], fontsize=8)
+        ax.set_yticks(range(len(parts)), parts, fontsize=8)
+        ax.set_xlabel("layer" if side != "model" else "")
+        ax.set_title(side, fontsize=11)
+    axes[0].set_ylabel("tensor of the layer ('b' = bias)")
+    fig.supxlabel("column 'stack': the stack's embeddings and own LayerNorm; grey: no scaled tensor there",
+                  fontsize=9)
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.01)
+    bar.set_label("scale (blue < 1: scaled down; red > 1: scaled up)")
+    return fig
 
 
 def cli_main(argv=None) -> None:
@@ -342,7 +550,7 @@ def cli_main(argv=None) -> None:
                 table = write_markdown(rows, os.path.join(out, "report.md"))
                 with open(os.path.join(out, "rows.json"), "w") as f:
                     json.dump([r.as_dict() for r in rows], f, indent=1)
-                paths = plot(rows, out)
+                paths = plot(rows, out, run_info(args.save_dir, args.batches))
             except OSError as e:
                 raise ReportError(f"cannot write the report to {out}: {e.strerror or e}") from None
         except ReportError as e:
@@ -561,24 +769,6 @@ def _magnitude(p: torch.Tensor) -> float:
 def _times(factor: float) -> str:
     """Two decimals, or three where two would print a scale below 1 as "1.00"."""
     return f"{factor:.2f}" if f"{factor:.2f}" != "1.00" else f"{factor:.3f}"
-
-
-def _log_y(ax, values) -> None:
-    """Log y axis with plain numbers ("0.02", not "2 x 10^-2")."""
-    from matplotlib.ticker import FuncFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    # Within a decade there is at most one major tick to read: label every minor tick
-    # then; over wider ranges only the 2s and 5s, which stay legible.
-    positive = [v for v in values if v > 0]
-    narrow = bool(positive) and max(positive) < 10 * min(positive)
-
-    def minor(v, _):
-        mantissa = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
-        return f"{v:.3g}" if narrow or mantissa in (2, 5) else ""
-
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _save(fig, out_dir: str, filename: str) -> str:

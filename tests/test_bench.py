@@ -33,6 +33,7 @@ def test_stability_bench_trains_every_method_and_writes_table_curves_and_bleu(da
     assert "--warmup-updates 2" in (out / "warmup-seed1" / "command.txt").read_text()
     table = (out / "results.md").read_text()
     assert "| gradinit |" in table and "@4" in table and "verdict:" in table
+    assert "\nmachine: " in table and " CPU cores, torch " in table and "; date: " in table
     assert (out / "curves.png").stat().st_size > 1000
 
 
@@ -88,6 +89,8 @@ def test_cost_bench_prints_every_ratio_with_its_target(data_bin, tmp_path):
     assert agreement >= 95 and " ok " in cells[9], row  # both exact: rounding only
     assert cells[10].endswith("%")
     assert row in (tmp_path / "cost.md").read_text()
+    last = proc.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("command: ") and last[1].startswith("machine: ") and "; date: " in last[1], last
 
 
 # bench/depth.py, bench/runs.py, bench/gpu.py: every initialization side by side

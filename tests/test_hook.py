@@ -1,4 +1,5 @@
 """Pieces of the fairseq hook that need no training run."""
+import math
 import types
 
 import pytest
@@ -61,3 +62,14 @@ def test_the_hook_warns_once_naming_the_modules_left_without_a_scale(caplog):
     with caplog.at_level("WARNING", logger="fairseq_gradinit"):
         _warn_unscaled(nn.Sequential(nn.Linear(4, 4)), select_tensors(nn.Sequential(nn.Linear(4, 4))))
     assert not caplog.records
+
+
+def test_logged_losses_are_in_bits_like_fairseqs_and_the_norm_is_left_alone():
+    from fairseq_gradinit.core import IterationRecord
+    from fairseq_gradinit.hook import _stats
+
+    nats = IterationRecord(10, "objective", 3 * math.log(2), 2 * math.log(2), 7.5, 9.0, 0.5, 1.0, 1.5)
+    stats = _stats(nats)
+    assert stats["loss_S"] == 3.0 and stats["loss_S~"] == 2.0
+    assert stats["gnorm"] == 7.5 and stats["gamma"] == 9.0
+    assert _stats(IterationRecord(11, "constraint", math.log(2), None, 1, 1, 1, 1, 1))["loss_S~"] == "-"

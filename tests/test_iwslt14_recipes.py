@@ -88,9 +88,10 @@ def test_pipeline_train_evaluate_collect(prepared, tmp_path):
     r = run(PY, HERE / "collect.py", tmp_path / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     table = out.read_text()
-    assert "| method | lr | beta2 | BLEU (mean +- std) |" in table
+    assert "| method | lr | beta2 | updates | size | other flags | BLEU (mean +- std) |" in table
     row = [line for line in table.splitlines() if line.startswith("| gradinit-adam")]
-    assert len(row) == 1 and "| 0.0005 | 0.98 |" in row[0] and "| 1/1 |" in row[0]  # BLEU < 1
+    assert len(row) == 1 and "| 0.0005 | 0.98 | 3 | small | --gradinit-iters 3 --encoder-layers 1 " in row[0]
+    assert "| 1/1 |" in row[0] and f"- diverged: {save} (BLEU " in table  # BLEU < 1
 
 
 def test_sweep_loss_grid(prepared, tmp_path):
@@ -101,3 +102,41 @@ def test_sweep_loss_grid(prepared, tmp_path):
     grid = (tmp_path / "sweep" / "grid.md").read_text()
     assert "| 0.98 |" in grid and "x" not in grid.splitlines()[-1]
     assert (tmp_path / "sweep" / "grid.png").stat().st_size > 1000
+
+
+def fake_run(path, bleu, loss, **settings):
+    """A finished train.sh + evaluate.py run directory, without training."""
+    path.mkdir(parents=True)
+    info = dict(method="gradinit-adam", lr=5e-4, beta2=0.98, seed=1, max_update=100000,
+                small=False, extra=[])
+    info.update(settings)
+    (path / "run.json").write_text(json.dumps(info))
+    (path / "train.log").write_text(f"... | valid on 'valid' subset | loss {loss} | nll_loss 3.1\n")
+    if bleu is not None:
+        (path / "bleu.json").write_text(json.dumps({"tokenized_bleu": bleu}))
+
+
+def test_collect_groups_runs_by_every_setting_but_the_seed_and_writes_the_diverged_to_out(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "a1", 36.0, 4.0, seed=1)
+    fake_run(runs / "a2", 34.0, 4.2, seed=2)  # same setting: one row, mean 35
+    fake_run(runs / "a3", 0.5, "nan", seed=3)  # same setting, diverged
+    fake_run(runs / "small", 2.0, 7.0, small=True, max_update=300)
+    fake_run(runs / "short", 20.0, 5.0, max_update=300)
+    fake_run(runs / "iters", 30.0, 4.5, extra=["--gradinit-iters", "200"])
+    fake_run(runs / "noeval", None, 4.0, lr=1e-3)
+    out = tmp_path / "table.md"
+    r = run(PY, HERE / "collect.py", runs, "--out", out)
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert text == r.stdout
+    rows = [l for l in text.splitlines() if l.startswith("| gradinit-adam")]
+    assert len(rows) == 5, rows
+    full = [l for l in rows if "| 100000 | full | - |" in l and "| 0.0005 |" in l]
+    assert len(full) == 1 and "| 23.50 +- " in full[0] and "| 1,2,3 |" in full[0] and "| 1/3 |" in full[0]
+    assert any("| 300 | small | - | 2.00 +- 0.00 | 1 |" in l for l in rows), rows
+    assert any("| 300 | full | - | 20.00 +- 0.00 | 1 |" in l for l in rows), rows
+    assert any("| --gradinit-iters 200 | 30.00 +- 0.00 |" in l for l in rows), rows
+    assert f"- diverged: {runs / 'a3'} (valid loss nan, BLEU 0.50 < 1)" in text
+    assert f"- diverged: {runs / 'small'}" not in text  # loss 7 < --max-loss 8, BLEU 2 >= 1
+    assert f"- not evaluated (no tokenized_bleu in bleu.json): {runs / 'noeval'}" in text

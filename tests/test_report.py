@@ -6,6 +6,7 @@ import os
 import shutil
 import struct
 
+import numpy as np
 import pytest
 
 from conftest import fairseq, read_json, train
@@ -200,3 +201,126 @@ def test_cli_on_a_read_only_output_path_exits_2_with_one_line(run, data_bin, tmp
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fairseq-gradinit-report: error: cannot write to {out} (--out)"), last
+
+
+def synthetic_rows(layers=6):
+    """Rows of a Post-LN fairseq transformer with ``layers`` per stack, made-up statistics:
+    linear weights spread over three decades of sigma(g), LayerNorm weights within 0.9-1.15."""
+    names = ["encoder.embed_tokens.weight"]
+    for i in range(layers):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
+            names += [f"encoder.layers.{i}.{part}.weight", f"encoder.layers.{i}.{part}.bias"]
+        names += [f"encoder.layers.{i}.self_attn_layer_norm.weight", f"encoder.layers.{i}.final_layer_norm.weight"]
+    names.append("decoder.embed_tokens.weight")
+    for i in range(layers):
+        for part in ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj", "encoder_attn.out_proj", "fc1", "fc2"):
+            names += [f"decoder.layers.{i}.{part}.weight", f"decoder.layers.{i}.{part}.bias"]
+        names += [f"decoder.layers.{i}.self_attn_layer_norm.weight", f"decoder.layers.{i}.final_layer_norm.weight"]
+    rows = []
+    for k, name in enumerate(names):
+        label, group = report.describe(name)
+        kind = "layernorm" if "layer_norm" in name else "embedding" if "embed" in name else "linear"
+        scale = 0.9 + 0.25 * (k % 7) / 6 if kind == "layernorm" else 0.2 + 1.6 * (k % 11) / 10
+        weight = 1.0 if kind == "layernorm" else 0.03
+        grad = 10.0 ** (-5 + 3 * (k % 13) / 12)
+        rows.append(report.Row(name, label, group, kind, name.endswith(".bias"), scale,
+                               weight, weight * scale, grad, grad * scale))
+    return rows
+
+
+RUN = report.RunInfo(name="iwslt-gi-s1", target="sgd", iterations=780, constraint_iterations=61, batches=8)
+
+
+def drawn(figures):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in figures.values():
+        FigureCanvasAgg(fig).draw()  # tick positions and labels exist only after a draw
+    return figures
+
+
+def curve_axes(fig):
+    return [ax for ax in fig.axes if ax.get_legend() is not None]
+
+
+def test_figure_titles_name_the_run_the_target_optimizer_and_the_iterations():
+    figs = report.figures(synthetic_rows(), RUN)
+    assert sorted(figs) == PLOTS
+    for name, fig in figs.items():
+        title = fig.get_suptitle()
+        assert "iwslt-gi-s1" in title and "GradInit for SGD" in title and "780 iterations" in title, (name, title)
+    assert "over 8 training batches" in figs["gradients.png"].get_suptitle()
+    # Biases are not in the curves: the figure says so and where they are.
+    assert "not shown: 72 biases (their scales are in scales.png)" in figs["weights.png"].get_suptitle()
+
+
+def test_every_axis_is_labelled_with_what_it_measures():
+    figs = report.figures(synthetic_rows(), RUN)
+    for name in ("weights.png", "gradients.png"):
+        axes = curve_axes(figs[name])
+        assert len(axes) == 2, name
+        for ax in axes:
+            assert ax.get_xlabel().startswith("tensor ("), name
+        units = "mean |w|" if name == "weights.png" else "nats/token"
+        assert all(units in ax.get_ylabel() for ax in axes), [ax.get_ylabel() for ax in axes]
+    heat = [ax for ax in figs["scales.png"].axes if ax.get_title() in ("encoder", "decoder")]
+    assert [ax.get_title() for ax in heat] == ["encoder", "decoder"]
+    assert all(ax.get_xlabel().startswith("layer") for ax in heat) and heat[0].get_ylabel()
+
+
+def test_every_colour_is_named_in_a_legend_or_a_colour_bar():
+    figs = report.figures(synthetic_rows(), RUN)
+    for name in ("weights.png", "gradients.png"):
+        for ax in curve_axes(figs[name]):
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["initial (fairseq)", "after GradInit"]
+            curves = [l for l in ax.get_lines() if l.get_gid() != "stack-divider"]
+            assert {l.get_color() for l in curves} == {"tab:blue", "tab:orange"}  # the two legend entries
+    bars = [ax for ax in figs["scales.png"].axes if "scaled down" in ax.get_ylabel()]
+    assert len(bars) == 1  # the colour bar of the heat maps, with its meaning
+
+
+def test_a_dashed_divider_separates_encoder_and_decoder_tensors():
+    rows = synthetic_rows()
+    for name in ("weights.png", "gradients.png"):
+        linear, norms = curve_axes(report.figures(rows, RUN)[name])
+        for ax, kinds in ((linear, ("linear", "embedding")), (norms, ("layernorm",))):
+            panel = [r for r in rows if r.kind in kinds and not r.is_bias]
+            first_decoder = next(i for i, r in enumerate(panel) if r.name.startswith("decoder."))
+            divider = [l for l in ax.get_lines() if l.get_gid() == "stack-divider"]
+            assert len(divider) == 1 and list(divider[0].get_xdata()) == [first_decoder - 0.5] * 2
+            assert {"encoder", "decoder"} <= {t.get_text() for t in ax.texts}
+
+
+def test_axes_start_at_the_first_tensor_and_show_at_least_four_labelled_values():
+    figs = drawn(report.figures(synthetic_rows(), RUN))
+    for name in ("weights.png", "gradients.png"):
+        for ax in curve_axes(figs[name]):
+            assert -1 < ax.get_xlim()[0] < 0, (name, ax.get_xlim())  # no empty margin
+            low, high = ax.get_ylim()
+            labelled = [t for t in ax.yaxis.get_major_ticks() if low <= t.get_loc() <= high and t.label1.get_text()]
+            assert len(labelled) >= 4, (name, ax.get_title(), [t.label1.get_text() for t in labelled])
+    linear, norms = curve_axes(figs["gradients.png"])
+    assert linear.get_yscale() == "log"  # three decades
+    assert report.figures(synthetic_rows(), RUN)["weights.png"].axes[1].get_yscale() == "linear"  # 0.9-1.15
+
+
+def test_scales_of_hundreds_of_tensors_fit_a_screen_one_cell_per_tensor():
+    rows = synthetic_rows(layers=18)
+    assert len(rows) > 400
+    fig = report.figures(rows, RUN)["scales.png"]
+    width, height = fig.get_size_inches()
+    assert width <= 18 and height <= 12, (width, height)
+    cells = sum(int(np.isfinite(im.get_array().filled(np.nan)).sum()) for ax in fig.axes for im in ax.get_images())
+    assert cells == len(rows)
+
+
+def test_run_info_comes_from_the_save_dir(run):
+    info = report.run_info(str(run), batches=3)
+    assert info.name == run.name and info.target == "adam" and info.iterations == 6
+    assert info.constraint_iterations == read_json(run / "gradinit_scales.json")["constraint_iterations"]
+    assert info.title().startswith(f"{run.name}: GradInit for Adam, 6 iterations, ")
+
+
+def test_a_run_without_scaled_tensors_still_gets_its_three_figures(tmp_path):
+    paths = report.plot([], str(tmp_path), RUN)
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths) == PLOTS

@@ -202,7 +202,7 @@ class TrainMonitor:
         logger, msg = m.group("logger"), m.group("msg")
         if logger in ("gradinit", "fairseq_gradinit"):
             if msg.startswith("gradinit |"):
-                return  # the final-iteration repeat of the last progress line
+                return  # the end-of-GradInit summary line (iterations not a multiple of 10)
             if logger == "fairseq_gradinit" and "done in" in msg:
                 self.gradinit_end = time.time()
             say(f"  [{fmt_seconds(time.time() - self.start):>6}] {msg.strip()}")

@@ -5,13 +5,15 @@
         [--metric tokenized_bleu|detok_bleu] [--max-loss 8] [--min-bleu 1]
 
 A RUN_DIR is a SAVE_DIR of train.sh (run.json, train.log, and bleu.json from evaluate.py),
-or a directory holding such SAVE_DIRs (searched recursively). Runs with the same method,
-lr and beta2 form one row: mean +- std (sample std over seeds) of the BLEU, the seeds,
-the mean final validation loss, and how many runs diverged: final validation loss missing,
-not finite or above --max-loss (label-smoothed cross-entropy in bits), or BLEU below
---min-bleu. Runs without BLEU (evaluate.py not run) are listed under the table; beta2 is
-"-" for SGD runs. Diverged runs are kept in the mean (that is what the paper's
-mean +- std does); the "diverged" column says how many there were.
+or a directory holding such SAVE_DIRs (searched recursively). Runs that differ only in
+their seed form one row: same method, lr, beta2, --max-update, --small and further
+fairseq-train flags (all from run.json). A row has mean +- std (sample std over seeds) of
+the BLEU, the seeds, the mean final validation loss, and how many runs diverged: final
+validation loss missing, not finite or above --max-loss (label-smoothed cross-entropy in
+bits), or BLEU below --min-bleu. beta2 is "-" for SGD runs. Diverged runs are kept in the
+mean (that is what the paper's mean +- std does). Under the table, in the output file as
+on stdout: the diverged runs with the reason, and the runs without a BLEU (evaluate.py
+not run yet).
 """
 
 import argparse
@@ -70,13 +72,21 @@ def fmt(x, digits=2):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def setting(run) -> tuple:
+    """Everything in run.json that changes the result: all but the seed."""
+    return (run["method"], run["lr"], run["beta2"], run.get("max_update"), run.get("small"),
+            tuple(run.get("extra") or ()))
+
+
 def table(runs) -> str:
     groups = {}
     for r in runs:
-        groups.setdefault((r["method"], r["lr"], r["beta2"]), []).append(r)
-    lines = ["| method | lr | beta2 | BLEU (mean +- std) | seeds | final valid loss | diverged |",
-             "|---|---|---|---|---|---|---|"]
-    for (method, lr, beta2), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        groups.setdefault(setting(r), []).append(r)
+    lines = ["| method | lr | beta2 | updates | size | other flags | BLEU (mean +- std) | seeds "
+             "| final valid loss | diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda kv: tuple("" if v is None else str(v) for v in kv[0])  # noqa: E731
+    for (method, lr, beta2, updates, small, extra), rs in sorted(groups.items(), key=order):
         bleus = [r["bleu"] for r in rs if r["bleu"] is not None]
         if bleus:
             std = statistics.stdev(bleus) if len(bleus) > 1 else 0.0
@@ -88,15 +98,24 @@ def table(runs) -> str:
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         div = sum(r["diverged"] for r in rs)
         b2 = "-" if beta2 is None else f"{beta2:g}"
-        lines.append(f"| {method} | {lr:g} | {b2} | {bleu} | {seeds} | {loss} | "
-                     f"{div}/{len(rs)} |")
+        size = "?" if small is None else ("small" if small else "full")
+        flags = " ".join(extra).replace("|", "\\|") or "-"
+        lines.append(f"| {method} | {lr:g} | {b2} | {'?' if updates is None else updates} | {size} "
+                     f"| {flags} | {bleu} | {seeds} | {loss} | {div}/{len(rs)} |")
     return "\n".join(lines) + "\n"
+
+
+def notes(runs, metric: str) -> str:
+    """The diverged and the not yet evaluated runs, one line each, for under the table."""
+    lines = [f"- diverged: {r['dir']} ({r['why']})" for r in runs if r["diverged"]]
+    lines += [f"- not evaluated (no {metric} in bleu.json): {r['dir']}" for r in runs if r["bleu"] is None]
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Collect runs into a markdown table.")
     p.add_argument("runs", nargs="+", help="SAVE_DIRs of train.sh, or directories holding them")
-    p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--out", help="also write the table and the notes under it to this file")
     p.add_argument("--metric", default="tokenized_bleu",
                    choices=("tokenized_bleu", "detok_bleu", "fairseq_bleu"))
     p.add_argument("--max-loss", type=float, default=8.0,
@@ -109,13 +128,8 @@ def main(argv=None) -> int:
         print("error: no runs (directories with run.json) found", file=sys.stderr)
         return 2
     runs = [load_run(d, a.metric, a.max_loss, a.min_bleu) for d in dirs]
-    text = table(runs)
+    text = table(runs) + notes(runs, a.metric)
     print(text, end="")
-    for r in runs:
-        if r["diverged"]:
-            print(f"  diverged: {r['dir']} ({r['why']})")
-        if r["bleu"] is None:
-            print(f"  not evaluated (no {a.metric} in bleu.json): {r['dir']}")
     if a.out:
         Path(a.out).write_text(text)
     return 0

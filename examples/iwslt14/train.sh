@@ -107,12 +107,14 @@ case $method in
 esac
 
 mkdir -p "$save"
-"$python" - "$save/run.json" "$method" "$lr" "$beta2" "$seed" "$max_update" "$small" <<'EOF'
+# run.json: what collect.py groups seeds by (everything but the seed and --save-dir).
+"$python" - "$save/run.json" "$method" "$lr" "$beta2" "$seed" "$max_update" "$small" "${extra[@]}" <<'EOF'
 import json, sys
-path, method, lr, beta2, seed, max_update, small = sys.argv[1:]
+path, method, lr, beta2, seed, max_update, small, *extra = sys.argv[1:]
 json.dump({"method": method, "lr": float(lr),
            "beta2": None if method == "gradinit-sgd" else float(beta2), "seed": int(seed),
-           "max_update": int(max_update), "small": small == "1"}, open(path, "w"), indent=1)
+           "max_update": int(max_update), "small": small == "1", "extra": extra},
+          open(path, "w"), indent=1)
 EOF
 
 cmd=("$train" "$data" --user-dir "$root/fairseq_gradinit"

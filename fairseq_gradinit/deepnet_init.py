@@ -6,7 +6,8 @@ vectors are set to alpha and frozen (``requires_grad=False``), alpha being a con
 DeepNet, not a parameter. Then, in every layer of a stack,
 
     fc1, fc2, self_attn.v_proj, self_attn.out_proj    Xavier normal, gain beta
-    (decoder also encoder_attn.v_proj, .out_proj)
+    (decoder also encoder_attn.v_proj, .out_proj: torchscale decoder.py lines 291-298
+    select every parameter of the decoder by name, the encoder attention's included)
     q_proj, k_proj                                    Xavier normal, gain 1
 
 with, for an encoder-decoder of N encoder and M decoder layers (the paper's Figure 2
@@ -19,7 +20,8 @@ Reference code: microsoft/torchscale at 4d1e0e8 (cited at each formula below). W
 differs from the paper, the paper is followed:
 - torchscale does not redraw the weights: it divides fairseq-style initial weights
   (Xavier uniform, gain 1/sqrt(2) on q/k/v; nn.Linear's default on fc1/fc2) by 1/beta.
-  The paper's pseudo-code draws Xavier normal with gain beta; that is done here.
+  The paper's pseudo-code draws Xavier normal with gain beta; that is done here (the
+  difference is discussed in torchscale issue #16).
 - torchscale's encoder divides by (N^4 M)^(1/16) / 1.15 (encoder.py lines 236-241), i.e.
   beta = 1.15 (N^4 M)^(-1/16), not the paper's 0.87 (N^4 M)^(-1/16); the paper's 0.87 is
   used here.
@@ -30,7 +32,7 @@ embeddings and LayerNorms keep fairseq's initialization.
 With GradInit: GradInit starts from these weights; the frozen alpha gets no GradInit
 scale (``--gradinit-wskip`` is refused on a DeepNet model: there is nothing to scale).
 """
-import math
+import logging
 from typing import Dict, Tuple
 
 import torch
@@ -63,9 +65,8 @@ def deepnet_constants(encoder_layers: int, decoder_layers: int) -> Dict[str, Tup
     }
 
 
-def deepnet_initialize(model: nn.Module) -> Dict[str, Tuple[float, float]]:
-    """Apply DeepNorm to a ``transformer_wskip*`` encoder-decoder in place; returns
-    ``{stack: (alpha, beta)}``."""
+def deepnet_initialize(model: nn.Module) -> nn.Module:
+    """Apply DeepNorm to a ``transformer_wskip*`` encoder-decoder in place and return it."""
     layers = wskip_layers(model)
     stacks = {s: [l for l in layers if l.wskip_stack == s] for s in ("encoder", "decoder")}
     constants = deepnet_constants(len(stacks["encoder"]), len(stacks["decoder"]))
@@ -86,7 +87,11 @@ def deepnet_initialize(model: nn.Module) -> Dict[str, Tuple[float, float]]:
                         _xavier_normal(getattr(attention, name), beta)
                     for name in UNIT_ATTENTION:
                         _xavier_normal(getattr(attention, name), 1.0, scale_bias=False)
-    return constants
+    logging.getLogger("fairseq_gradinit").info(
+        "DeepNet init (--wskip-init deepnet): "
+        + ", ".join(f"{stack} alpha={a:.4f} (fixed) beta={b:.4f}" for stack, (a, b) in constants.items())
+    )
+    return model
 
 
 def _xavier_normal(linear: nn.Linear, gain: float, scale_bias: bool = True) -> None:

@@ -13,10 +13,15 @@ on top of Xavier-uniform projections (gain 1) and N(0, d^(-1/2)) token embedding
 
 Details, as the authors' code has them:
 - The scaled matrices are Xavier uniform with gain 1 before scaling. fairseq draws v_proj
-  with gain 1/sqrt(2); the authors multiply it by sqrt(2) first. Here the scaled matrices
-  are drawn directly as Xavier uniform with gain = the factor (the same distribution).
-- fc1/fc2 biases are zero (the authors' fairseq built them with xavier_uniform_ weights
-  and zero bias; fairseq 0.12 uses nn.Linear's default, which is not Xavier).
+  with gain 1/sqrt(2) (the authors' fairseq/modules/multihead_attention.py lines 86-91),
+  which the authors multiply by sqrt(2) (transformer_layer.py lines 43-44, 169-170); here
+  v_proj is drawn afresh as Xavier uniform with gain = the factor: the same distribution,
+  also where fairseq's gain is already 1 (key/value size other than the model's), where
+  the authors' sqrt(2) would overshoot.
+  out_proj, Xavier uniform with gain 1 in fairseq too, is multiplied by the factor.
+- fc1/fc2 are drawn afresh the same way, with zero bias, as the authors' fairseq built
+  them (fairseq/modules/transformer_layer.py lines 371-376); fairseq 0.12 uses
+  nn.Linear's default there, which is not Xavier.
 - q_proj, k_proj keep fairseq's Xavier uniform with gain 1/sqrt(2) (the authors do not
   touch them); q/k/v biases keep fairseq's initialization.
 - The embeddings keep fairseq's sqrt(d) embedding scale in the forward pass.
@@ -31,6 +36,7 @@ Details, as the authors' code has them:
 With GradInit: GradInit starts from these weights. The model has no LayerNorm, so
 GradInit scales only linear maps and embeddings.
 """
+import logging
 from typing import Dict
 
 import torch
@@ -56,8 +62,8 @@ def tfixup_factors(encoder_layers: int, decoder_layers: int) -> Dict[str, float]
     }
 
 
-def tfixup_initialize(model: nn.Module) -> Dict[str, float]:
-    """Apply T-Fixup to a fairseq encoder-decoder Transformer in place; returns the factors."""
+def tfixup_initialize(model: nn.Module) -> nn.Module:
+    """Apply T-Fixup to a fairseq encoder-decoder Transformer in place and return it."""
     encoder_layers = _layers(model.encoder, TransformerEncoderLayerBase)
     decoder_layers = _layers(model.decoder, TransformerDecoderLayerBase)
     factors = tfixup_factors(len(encoder_layers), len(decoder_layers))
@@ -79,7 +85,11 @@ def tfixup_initialize(model: nn.Module) -> Dict[str, float]:
         decoder_embedding = model.decoder.embed_tokens.weight
         if decoder_embedding is not encoder_embedding:
             decoder_embedding.mul_(factors["decoder_embedding"])
-    return factors
+    logging.getLogger("fairseq_gradinit").info(
+        f"T-Fixup init (N={len(encoder_layers)}, M={len(decoder_layers)}): "
+        + ", ".join(f"{name} x{factor:.4f}" for name, factor in factors.items())
+    )
+    return model
 
 
 def _layers(stack: nn.Module, kind):

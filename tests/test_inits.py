@@ -186,7 +186,8 @@ def test_fairseq_train_deepnet_with_gradinit_keeps_alpha_fixed_then_generates(da
     r = train(data_bin, save, "--arch", WSKIP, "--wskip-init", "deepnet", "--encoder-layers", "2",
               "--max-update", "3", "--gradinit-iters", "3")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "GradInit done" in r.stdout + r.stderr
+    log = r.stdout + r.stderr
+    assert log.index("DeepNet init (--wskip-init deepnet): encoder alpha=0.9633") < log.index("GradInit done")
     state = torch.load(os.path.join(save, "checkpoint_last.pt"), weights_only=False)["model"]
     alpha = deepnet_constants(2, 1)
     assert torch.all(state["encoder.layers.1.w_skip_ffn"] == alpha["encoder"][0])
@@ -198,7 +199,8 @@ def test_fairseq_train_tfixup_with_gradinit_then_generates(data_bin, tmp_path):
     save = str(tmp_path / "tfixup")
     r = train(data_bin, save, "--arch", TFIXUP, "--max-update", "3", "--gradinit-iters", "3")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "GradInit done" in r.stdout + r.stderr
+    log = r.stdout + r.stderr
+    assert log.index("T-Fixup init (N=1, M=1)") < log.index("GradInit done")
     state = torch.load(os.path.join(save, "checkpoint_last.pt"), weights_only=False)["model"]
     assert not any("layer_norm" in k for k in state)
     _generate(data_bin, os.path.join(save, "checkpoint_last.pt"))
@@ -218,3 +220,10 @@ def test_docstring_examples_of_the_init_modules_hold():
     for module in (admin_analytic_init, deepnet_init, tfixup_init):
         failed, attempted = doctest.testmod(module)
         assert attempted and not failed, module.__name__
+
+
+def test_fairseq_train_deepnet_with_gradinit_wskip_fails_in_one_line(data_bin, tmp_path):
+    r = train(data_bin, str(tmp_path / "x"), "--arch", WSKIP, "--wskip-init", "deepnet", "--gradinit-wskip")
+    assert r.returncode != 0
+    assert "--gradinit-wskip: the w_skip of this model are constants" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -26,8 +26,6 @@ _LAYERNORM_FLAGS = {
     "encoder_normalize_before": "--encoder-normalize-before",
     "decoder_normalize_before": "--decoder-normalize-before",
     "layernorm_embedding": "--layernorm-embedding",
-    "scale_attn": "--scale-attn",
-    "scale_fc": "--scale-fc",
 }
 
 

@@ -20,10 +20,10 @@ def test_environment_has_no_cuda_packages_and_no_torchaudio():
     assert not {n for n in names if n.startswith("nvidia") or n == "torchaudio"}
 
 
-def test_ci_runs_exactly_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_and_the_official_release_tests():
     assert "make test" in (ROOT / "README.md").read_text()
     lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith("#")]
-    assert lines[-1] == "make test"
+    assert lines[-2:] == ["make test", "make test-official"]
 
 
 def test_core_and_selection_import_only_torch():

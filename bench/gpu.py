@@ -184,9 +184,11 @@ def iwslt_runs_of(cfg, out: Path, device: str):
 def run_cost(cfg, data, tables, prefix, deadline, device_name, out: Path) -> str:
     """bench/cost.py with the preset's flags; its table (or its failure) into PREFIX-cost.md."""
     timeout = min(cfg["cost_timeout"], deadline - time.time() - 60)
-    cmd = [sys.executable, str(ROOT / "bench" / "cost.py"), "--data", str(data), *cfg["cost"]]
-    start = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    # --out: cost.py's own table stays with this bench's runs, not in bench/results/cost-*.md
+    cmd = [sys.executable, str(ROOT / "bench" / "cost.py"), "--data", str(data), *cfg["cost"],
+           "--out", str(out / "cost.md")]  # fmt: skip
+    start = time.time()
     code = R.call(cmd, out / "cost.log", timeout)
     text = (out / "cost.log").read_text(errors="replace")
     if code == 0:  # the table and its command, without the children's log lines

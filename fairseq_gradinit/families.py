@@ -17,6 +17,7 @@ SUPPORTED: List[Tuple[str, str, str]] = [
     ("fairseq.models.lstm_lm", "LSTMLanguageModel", "lstm_lm*"),
     ("fairseq.models.fconv", "FConvModel", "fconv*"),
     ("fairseq.models.fconv_lm", "FConvLanguageModel", "fconv_lm*"),
+    ("fairseq.models.roberta", "RobertaModel", "roberta*"),
 ]
 
 
@@ -26,12 +27,13 @@ def supported_classes() -> tuple:
     return tuple(getattr(importlib.import_module(module), name) for module, name, _ in SUPPORTED)
 
 
-def unsupported_reason(model, arch: str):
+def unsupported_reason(model, arch: str, task: str = None):
     """None for a supported model, else the one-line reason it is refused."""
     if isinstance(model, supported_classes()):
         return None
     families = ", ".join(words for _, _, words in SUPPORTED)
+    where = f"--task {task} " if task else ""
     return (
-        f"--arch {arch} ({type(model).__name__}) is not a model family GradInit was made "
+        f"{where}--arch {arch} ({type(model).__name__}) is not a model family GradInit was made "
         f"for: it supports {families} (see README 'Supported architectures')"
     )

@@ -81,7 +81,8 @@ class GradInitTaskMixin:
 
         model.register_load_state_dict_post_hook(loaded)
         if self.gradinit_cfg.gradinit or self.gradinit_cfg.gradinit_load:
-            reason = unsupported_reason(model, getattr(cfg, "arch", None) or getattr(cfg, "_name", "?"))
+            arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", "?")
+            reason = unsupported_reason(model, arch, getattr(self, "gradinit_task_name", None))
             if reason:
                 fail(reason)
         return model

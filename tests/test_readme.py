@@ -12,18 +12,19 @@ READMES = [ROOT / "README.md", *sorted((ROOT / "examples").glob("*/README.md"))]
 DOCS = READMES + sorted((ROOT / "docs").glob("*.md"))
 #: Paths that the Makefile or a script makes, not files of the repository.
 GENERATED = (".venv/", "demo-work/", "bench/work/", "examples/iwslt14/mosesdecoder")
-PLUGIN_FLAG = re.compile(r"(?<![\w-])--(?:gradinit|wskip)(?:-[a-z0-9]+)*")
+PLUGIN_FLAG = re.compile(r"(?<![\w-])--(?:gradinit|wskip|tfixup)(?:-[a-z0-9]+)*")
 
 
 def plugin_flags():
-    """Every option fairseq-train accepts with the plugin, its task and a w_skip arch."""
+    """Every option fairseq-train accepts with the plugin, its task and its archs (w_skip, T-Fixup)."""
     from fairseq import options
 
-    parser = options.get_training_parser()
-    options.parse_args_and_arch(
-        parser, ["data", "--user-dir", PLUGIN, "--task", "translation", "--arch", "transformer_wskip_iwslt_de_en"]
-    )
-    return {s for action in parser._actions for s in action.option_strings}
+    known = set()
+    for arch in ("transformer_wskip_iwslt_de_en", "transformer_tfixup_iwslt_de_en"):
+        parser = options.get_training_parser()
+        options.parse_args_and_arch(parser, ["data", "--user-dir", PLUGIN, "--task", "translation", "--arch", arch])
+        known |= {s for action in parser._actions for s in action.option_strings}
+    return known
 
 
 def rel(path):
@@ -124,7 +125,8 @@ def test_quoted_benchmark_results_are_the_files_verbatim():
 def test_the_checks_catch_what_they_look_for(tmp_path):
     """The helpers above flag a wrong flag, a missing path and a dead anchor."""
     known = plugin_flags()
-    assert "--gradinit-iters" in known and "--wskip-init" in known and "--gradinit-itres" not in known
+    assert "--gradinit-iters" in known and "--wskip-init" in known and "--tfixup-init" in known
+    assert "--gradinit-itres" not in known
     assert path_like("bench/nothing.py") and not (ROOT / "bench/nothing.py").exists()
     assert not path_like("<save-dir>/gradinit_scales.json") and not path_like("s/x/y")
     assert slug("Does it let me drop warmup?") == "does-it-let-me-drop-warmup"

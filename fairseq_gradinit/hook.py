@@ -396,9 +396,8 @@ def load_scales(path: str, model, optimizer, min_scale: float = 0.0, max_scale: 
         raise GradInitError(f"{path} does not fit this model ({details})", "load")
     for name, scale in payload["scales"].items():
         p = model.get_parameter(name).detach()
-        if not math.isfinite(float(scale) * float(p.abs().max().float())) or (
-            float(scale) * float(p.abs().max().float()) > torch.finfo(p.dtype).max
-        ):
+        largest = float(scale) * float(p.abs().max().float())
+        if not math.isfinite(largest) or largest > torch.finfo(p.dtype).max:
             raise GradInitError(f"{path}: the scale {scale:g} of {name} makes its weights overflow", "load")
     scale_training_weights(model, optimizer, payload["scales"])
     logger.info(f"GradInit: applied {len(payload['scales'])} scales from {path}")

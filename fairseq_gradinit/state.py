@@ -72,16 +72,12 @@ def _load(path):
 
 def write_json(path: str, payload: Dict) -> None:
     """Write ``payload`` to ``path`` whole or not at all (no ``.tmp`` left on failure)."""
-    directory = os.path.dirname(path) or "."
-    tmp = path + ".tmp"
-    try:
-        os.makedirs(directory, exist_ok=True)
+    def dump(tmp):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        remove_quietly(tmp)
-        raise GradInitError(f"cannot write {path}: {e.strerror or e}") from None
+
+    write_atomically(path, dump)
 
 
 def write_atomically(path: str, write) -> None:

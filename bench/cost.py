@@ -5,7 +5,8 @@
 
 For each model, four modes run in separate child processes on the same real batches
 (so that each peak memory is its own): a training step (forward, backward, Adam step,
-dropout on), a GradInit iteration in the objective branch, one in the constraint branch
+dropout on), a GradInit iteration in the objective branch (at a finite gamma, as at the
+default, so that S's forward is kept for a constraint step), one in the constraint branch
 (the default: exact Hessian-vector product over --gradinit-hvp-chunks micro-batches of
 S) and one in the constraint branch with --gradinit-second-order autograd (eval mode,
 the default GradInit batch: one training batch of --max-tokens split into S and S~,
@@ -115,10 +116,10 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
     n = args.warmup + args.repeats
     if mode == "agreement":
-        print(json.dumps(agreement(model, criterion, batches["gradinit"][:n])))
+        print(json.dumps(agreement(task, model, criterion, batches["gradinit"][:n])))
         return
     times = train_times(model, criterion, batches["train"], n) if mode == "train" else \
-        gradinit_times(model, criterion, batches["gradinit"], n, mode)  # fmt: skip
+        gradinit_times(task, model, criterion, batches["gradinit"], n, mode)  # fmt: skip
     seconds = statistics.median(times[args.warmup :])
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -176,31 +177,30 @@ def train_times(model, criterion, batches, n):
     return times
 
 
-def loss_of(criterion):
-    def loss_fn(m, sample):  # as the plugin's hook calls the criterion
-        loss, sample_size, _ = criterion(m, sample)
-        return loss, sample_size
+def loss_of(task, criterion):
+    from fairseq_gradinit.fairseq_batches import criterion_loss
 
-    return loss_fn
+    return criterion_loss(criterion, task.target_dictionary.pad())  # as the plugin's hook
 
 
-def gradinit_times(model, criterion, pairs, n, mode):
-    import math
+def gradinit_times(task, model, criterion, pairs, n, mode):
 
     from fairseq_gradinit.core import AUTOGRAD, HVP, GradInitSettings, gradinit
 
-    gamma = math.inf if mode == "objective" else 1e-12  # force the branch
+    # Force the branch. The objective's gamma is finite, as at the default: the constraint
+    # may act, so S runs as micro-batches on the math attention kernel and its graph is kept.
+    gamma = 1e30 if mode == "objective" else 1e-12
     second_order = AUTOGRAD if mode == "autograd" else HVP
     settings = GradInitSettings(iters=n, eta=5e-4, target="adam", gamma=gamma, second_order=second_order)
     stamps = [_now()]
-    loss_fn = loss_of(criterion)
+    loss_fn = loss_of(task, criterion)
 
     result = gradinit(model, loss_fn, pairs, settings, on_iteration=lambda r: stamps.append(_now()))
     assert all(r.branch == ("objective" if mode == "objective" else "constraint") for r in result.history)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def agreement(model, criterion, pairs):
+def agreement(task, model, criterion, pairs):
     """Default (hvp) vs autograd constraint gradient on each batch's S, clamped at 1 as
     the constraint step clamps it: the share of same signs and the cosine, worst batch."""
     import torch
@@ -210,7 +210,7 @@ def agreement(model, criterion, pairs):
     same, cosine, zero = [], [], []
     for s, _ in pairs:
         grads = {
-            mode: norm_gradient(model, loss_of(criterion), s, GradInitSettings(second_order=mode)).clamp(-1, 1)
+            mode: norm_gradient(model, loss_of(task, criterion), s, GradInitSettings(second_order=mode)).clamp(-1, 1)
             for mode in (HVP, AUTOGRAD)
         }
         hvp, exact = grads[HVP], grads[AUTOGRAD]

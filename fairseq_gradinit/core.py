@@ -61,12 +61,13 @@ class GradInitSettings:
     min_scale, max_scale: bounds of weight scales (alpha lower bound 0.01 in the paper).
     min_bias_scale: lower bound of bias scales (beta lower bound, 0 in the paper).
     second_order: how the constraint branch differentiates ||g||_p through g. Both are
-        exact. "hvp" (default): after the first-order pass on S, the Hessian-vector
-        product H v (v = sign(g) for l1, g/||g||_2 for l2) by double backward of g . v
-        over ``hvp_chunks`` micro-batches of S, whose results add up exactly; only that
-        pass runs attention on its math kernel. "autograd": the double backward of
-        ||g||_p through the whole graph of S (the reference; more memory, and every
-        forward on S uses the math kernel while the constraint may act).
+        exact. "hvp" (default): S runs forward as ``hvp_chunks`` micro-batches, each with
+        its own graph; after the first-order gradient g, the Hessian-vector product
+        H v (v = sign(g) for l1, g/||g||_2 for l2) by double backward of g . v through
+        one micro-batch's graph at a time, whose results add up exactly. "autograd":
+        the double backward of ||g||_p through the whole graph of S (the reference;
+        more memory). Either way, while the constraint may act (a finite gamma), S
+        runs attention on its math kernel, since fused kernels have no double backward.
     hvp_chunks: micro-batches of S for "hvp" (more: less memory, a little more time).
     """
 
@@ -195,10 +196,12 @@ def gradinit(
         loss_fn: ``loss_fn(model, batch)`` returns the mean loss over the batch's
             samples, or a pair ``(total, size)`` whose quotient is that mean, ``total``
             being a sum over the samples (fairseq: summed token losses and the token
-            count). The constraint step splits S into micro-batches (``hvp_chunks``) and
-            weights each by its share of the loss: by ``total / size of S`` for a pair,
-            by its share of the samples for a plain mean, which is exact only if the
-            loss is a mean over samples. It is called with the model evaluated at
+            count). Whenever the constraint may act, S is evaluated as ``hvp_chunks``
+            micro-batches (rows of S) whose losses add up to S's: for a pair as the
+            sum of their totals over the sum of their sizes, so each size must be that
+            of the rows given (count them from the batch, not carry S's count along);
+            for a plain mean by each micro-batch's share of the samples, exact only if
+            the loss is a mean over samples. It is called with the model evaluated at
             substituted (scaled) tensors.
         batches: yields ``(S, S_tilde)`` pairs, one per iteration (see ``split_batch``).
         settings: hyper-parameters, see ``GradInitSettings``.
@@ -365,17 +368,25 @@ def _iteration(
     theta = _scaled(base, names, scales)
     flat = list(theta.values())
     whole_graph = settings.second_order == AUTOGRAD
+    may_bind = math.isfinite(gamma) or gamma_factor is not None
+    # "hvp" keeps the forward graph of S, run as micro-batches, whenever the constraint
+    # may act: the Hessian-vector product then differentiates through it instead of
+    # running S forward a second time.
+    micro = not whole_graph and may_bind
 
     # Fused attention kernels have no double backward and the kernel is chosen at
-    # forward time: with "autograd", use the math kernel whenever the constraint may act.
-    may_bind = math.isfinite(gamma) or gamma_factor is not None
-    with _math_attention() if whole_graph and may_bind else contextlib.nullcontext():
-        loss_s, size_s = _mean_loss(objective.loss(theta, s))
+    # forward time: use the math kernel whenever a second-order step may reuse this graph.
+    with _math_attention() if may_bind else contextlib.nullcontext():
+        if micro:
+            parts = _micro_batch_losses(objective, theta, s, settings.hvp_chunks)
+            loss_s = sum(parts)
+        else:
+            loss_s, _ = _mean_loss(objective.loss(theta, s))
     loss_s_value = _check_finite(loss_s, "loss on S", t, reduce)
     # "autograd" builds the double-backward graph only when the constraint branch is
     # expected (it ran last iteration); otherwise first order, and a second pass if needed.
     grads = torch.autograd.grad(
-        loss_s, flat, retain_graph=whole_graph, create_graph=whole_graph and expect_constraint, allow_unused=True
+        loss_s, flat, retain_graph=may_bind, create_graph=whole_graph and expect_constraint, allow_unused=True
     )
     grads_with_graph = grads if whole_graph and expect_constraint else None
     grads = _dense([None if g is None else g.detach() for g in grads], flat)
@@ -394,12 +405,13 @@ def _iteration(
         else:
             del loss_s
             v = _norm_direction(grads, settings.norm_order)
-            scales.grad = _hessian_vector_product(objective, base, names, scales, s, size_s, v, settings.hvp_chunks)
+            scales.grad = _hessian_vector_product(parts, flat, scales, v)
         branch, loss_tilde_value = CONSTRAINT, None
     else:
         # Objective branch: the loss on S~ after one virtual step of the target
         # optimizer, the step direction A[g] held constant (paper, section 3.4).
         del loss_s, grads_with_graph  # frees the graph of S before the second forward
+        parts = None
         direction = _step_direction(grads, settings.target, gamma)
         stepped = {n: p - settings.eta * d for (n, p), d in zip(theta.items(), direction)}
         loss_tilde, _ = _mean_loss(objective.loss(stepped, s_tilde))
@@ -427,33 +439,45 @@ def _norm_direction(grads, order) -> List[torch.Tensor]:
     return [g / l2 for g in grads]
 
 
-def _hessian_vector_product(objective, base, names, scales, s, size_s, v, chunks) -> torch.Tensor:
-    """d||g(S; theta_m)||_p / dm, exactly, without the graph of the whole of S.
+def _micro_batch_losses(objective, theta, s, chunks) -> List[torch.Tensor]:
+    """The loss on S as ``chunks`` terms, one per micro-batch of S, that add up to it.
 
-    With v = d||g||_p/dg held at its value, d||g||_p/dm = d(g . v)/dm: the Hessian-vector
-    product H v seen through theta_m = m * base. g . v is linear in the loss, a sum over
-    the samples of S, so it is computed over ``chunks`` micro-batches of S, each
-    weighted by its share of the loss, and the results add up to the whole batch's. Only
-    one micro-batch's double-backward graph is alive at a time, and only this pass runs
-    attention on its math kernel (fused kernels have no double backward).
+    Each term keeps its own forward graph, so that ``_hessian_vector_product`` can free
+    one micro-batch's graph before it builds the next one's double backward. A
+    ``(total, size)`` loss is a sum over samples: each term is its total over the
+    summed size. A plain mean loss is weighted by the micro-batch's share of the samples,
+    which is exact if it is a mean over samples.
     """
     n = _batch_size(s)
+    rows = _chunk_slices(n, chunks)
+    outs = [objective.loss(theta, _index(s, r, n)) for r in rows]
+    if all(isinstance(out, tuple) for out in outs):
+        size = sum(out[1] for out in outs)
+        return [out[0] / size for out in outs]
+    return [_mean_loss(out)[0] * ((r.stop - r.start) / n) for out, r in zip(outs, rows)]
+
+
+def _hessian_vector_product(parts, flat, scales, v) -> torch.Tensor:
+    """d||g(S; theta_m)||_p / dm, exactly, one micro-batch of S at a time.
+
+    With v = d||g||_p/dg held at its value, d||g||_p/dm = d(g . v)/dm: the Hessian-vector
+    product H v seen through theta_m = m * base. g . v is linear in the loss, so it is the
+    sum over the terms of ``_micro_batch_losses`` (whose forward graphs are reused). Only
+    one micro-batch's double-backward graph is alive at a time, and each micro-batch's
+    forward graph is freed once it has been used. ``parts`` is emptied.
+    """
     total = torch.zeros_like(scales)
-    for rows in _chunk_slices(n, chunks):
-        theta = _scaled(base, names, scales)
-        flat = list(theta.values())
-        with _math_attention():
-            out = objective.loss(theta, _index(s, rows, n))
-        # a (total, size) loss is a sum over samples divided by S's size; a mean loss
-        # is a mean over samples, a micro-batch's share is its share of the samples.
-        part = out[0] / size_s if isinstance(out, tuple) else out * ((rows.stop - rows.start) / n)
-        grads = torch.autograd.grad(part, flat, create_graph=True, allow_unused=True)
+    while parts:
+        part = parts.pop(0)
+        # retain_graph: theta_m = m * base is shared by every micro-batch's graph; the
+        # rest of this micro-batch's graph is freed when its tensors go out of scope.
+        grads = torch.autograd.grad(part, flat, create_graph=True, retain_graph=True, allow_unused=True)
         dot = sum((g * d).sum() for g, d in zip(grads, v) if g is not None)
         if torch.is_tensor(dot) and dot.requires_grad:
-            (grad,) = torch.autograd.grad(dot, scales, allow_unused=True)
+            (grad,) = torch.autograd.grad(dot, scales, retain_graph=True, allow_unused=True)
             if grad is not None:
                 total += grad.detach()
-        del theta, flat, out, part, grads, dot  # this micro-batch's graph, before the next one's
+        del part, grads, dot  # this micro-batch's graph, before the next one's
     return total
 
 

@@ -11,17 +11,42 @@ from .core import GradInitError, min_split_size, split_batch
 def split_sample(sample: dict, overlap: float, pad: int) -> Tuple[dict, dict]:
     """Split a collated fairseq sample into (S, S~) sharing ``overlap`` of their sentences.
 
-    Each part is what fairseq's collater would have made of its sentences: columns that
-    are padding in every row of the part are dropped (fairseq's LSTM asserts that the
-    longest source fills the width), and ``ntokens`` and ``nsentences`` are recounted so
-    that criteria normalise each part by its own size.
+    Each part is recollated (see ``collated``), so that criteria normalise it by its own size.
     """
-    parts = split_batch(sample, overlap)
-    for part in parts:
-        _trim_padding(part, pad)
-        part["nsentences"] = part["target"].size(0)
-        part["ntokens"] = int(part["target"].ne(pad).sum())
-    return parts
+    return tuple(collated(part, pad) for part in split_batch(sample, overlap))
+
+
+def collated(sample: dict, pad: int) -> dict:
+    """A copy of ``sample`` as fairseq's collater would have made it of its sentences.
+
+    Columns that are padding in every row are dropped (fairseq's LSTM asserts that the
+    longest source fills the width), and ``ntokens`` and ``nsentences`` are recounted.
+    Rows cut out of a batch (S and S~, the micro-batches of S) otherwise keep the
+    whole batch's counts.
+    """
+    sample = dict(sample, net_input=dict(sample["net_input"]))
+    _trim_padding(sample, pad)
+    sample["nsentences"] = sample["target"].size(0)
+    sample["ntokens"] = int(sample["target"].ne(pad).sum())
+    return sample
+
+
+def criterion_loss(criterion, pad: int):
+    """``loss_fn`` for ``core.gradinit``: the criterion's (summed loss, sample size).
+
+    The constraint step cuts S into micro-batches by rows and needs their sizes to add up
+    to S's, so every sample is recollated first (a no-op on S and S~).
+
+    Example::
+
+        result = gradinit(model, criterion_loss(criterion, task.target_dictionary.pad()), pairs)
+    """
+
+    def loss_fn(model, sample):
+        loss, sample_size, _ = criterion(model, collated(sample, pad))
+        return loss, sample_size
+
+    return loss_fn
 
 
 def _trim_padding(part: dict, pad: int) -> None:

@@ -31,7 +31,7 @@ from . import data_checks, interrupts, state
 from .admin_init import admin_initialize_for_training, wants_admin
 from .core import GradInitError, GradInitResult, gradinit
 from .families import unsupported_reason
-from .fairseq_batches import sample_pairs
+from .fairseq_batches import criterion_loss, sample_pairs
 from .models import wskip_parameter_names
 from .selection import select_tensors, unscaled_modules
 from .weights import fp32_model, scale_training_weights
@@ -232,11 +232,7 @@ def run_gradinit(task, model, criterion, optimizer) -> GradInitResult:
     def log(record):
         progress.log(_stats(record), tag="gradinit", step=record.iteration)
 
-    def loss_fn(m, sample):
-        # (summed loss, its normaliser): lets the constraint step weight micro-batches exactly
-        loss, sample_size, _ = criterion(m, sample)
-        return loss, sample_size
-
+    loss_fn = criterion_loss(criterion, task.target_dictionary.pad())
     result = gradinit(
         work, loss_fn, progress, settings, scaled, log,
         all_reduce_mean=_all_reduce_mean if world > 1 else None,

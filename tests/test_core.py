@@ -499,3 +499,29 @@ def test_sgd_virtual_step_has_length_gamma():
     step = _step_direction(grads, "sgd", gamma=2.5)
     assert math.sqrt(sum(d.pow(2).sum().item() for d in step)) == pytest.approx(2.5)
     assert torch.allclose(step[0], torch.tensor([1.5, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "gamma, chunks, calls",
+    [
+        (1e-9, 2, [2, 2, 2]),  # constraint: S as micro-batches, their graphs reused by the HVP
+        (1e-9, 3, [3, 3, 3]),
+        (1e9, 2, [3, 3, 3]),  # objective at a finite gamma: the micro-batches of S, then S~
+        (math.inf, 2, [2, 2, 2]),  # the constraint cannot act: S whole, then S~
+    ],
+)
+def test_each_iteration_runs_s_forward_once(gamma, chunks, calls):
+    counted = []
+
+    def counting_ce(model, batch):
+        counted[-1] += 1
+        return ce(model, batch)
+
+    def batches():
+        for pair in pairs(make_data(3)):
+            counted.append(0)
+            yield pair
+
+    settings = GradInitSettings(iters=3, eta=0.1, gamma=gamma, hvp_chunks=chunks)
+    gradinit(make_net(), counting_ce, batches(), settings)
+    assert counted == calls

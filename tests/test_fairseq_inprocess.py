@@ -100,7 +100,9 @@ def test_nan_mid_gradinit_names_the_iteration_and_leaves_the_initialization(data
     cfg, task, model, criterion = build(data_bin, "--gradinit-iters", "6")
     initial = copy.deepcopy(model.state_dict())
     with pytest.raises(GradInitError, match="iteration 3: the loss on S is nan"):
-        run_gradinit(task, model, NanAt(criterion, call=5), optimizer=object())  # 2 calls/iteration
+        # an iteration: S as --gradinit-hvp-chunks micro-batches (gamma is finite), then S~
+        per_iteration = cfg.task.gradinit_hvp_chunks + 1
+        run_gradinit(task, model, NanAt(criterion, call=2 * per_iteration + 1), optimizer=object())
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 
 
@@ -126,14 +128,11 @@ def test_constraint_branch_on_a_fairseq_transformer_hvp_matches_autograd(data_bi
     """Attention, token-normalised loss and all: the default micro-batched Hessian-vector
     product equals the double backward through the whole batch."""
     from fairseq_gradinit import core
-    from fairseq_gradinit.fairseq_batches import sample_pairs
+    from fairseq_gradinit.fairseq_batches import criterion_loss, sample_pairs
 
     cfg, task, model, criterion = build(data_bin)
     s, _ = next(sample_pairs(task, model, 4096, None, 0.5, seed=1))
-
-    def loss_fn(m, sample):  # as the hook calls it: (summed loss, token count)
-        loss, size, _ = criterion(m, sample)
-        return loss, size
+    loss_fn = criterion_loss(criterion, task.target_dictionary.pad())  # as the hook calls it
 
     from fairseq_gradinit.selection import select_tensors, unscaled_modules
 

@@ -224,19 +224,8 @@ def gradinit(
     """
     settings.validate()
     scaled = select_tensors(model) if scaled is None else dict(scaled)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    unknown = [n for n in scaled if n not in params]
-    if unknown:
-        raise GradInitError(f"not trainable parameters of the model: {unknown}", "scaled")
-    if not scaled:
-        raise GradInitError("no tensor selected for scaling", "scaled")
-
-    names = list(scaled)
-    # Unscaled trainable tensors still take part in the gradient norm and the virtual
-    # step, so they enter the graph as leaves of their own (sharing the model's storage).
-    base = {n: p.detach() if n in scaled else p.detach().requires_grad_() for n, p in params.items()}
-    device = next(iter(base.values())).device
-    scales = torch.ones(len(names), device=device, requires_grad=True)
+    names, base, scales = _leaves(model, scaled)
+    device = scales.device
     is_bias = torch.tensor([scaled[n] == BIAS for n in names], device=device)
     lower = torch.where(
         is_bias,
@@ -321,11 +310,7 @@ def norm_gradient(
     second-order methods with each other (bench/cost.py, tests). Order of ``scaled``.
     """
     settings = GradInitSettings(**{**settings.as_dict(), "gamma": 1e-30, "gamma_factor": None}).validate()
-    scaled = select_tensors(model) if scaled is None else dict(scaled)
-    names = list(scaled)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    base = {n: p.detach() if n in scaled else p.detach().requires_grad_() for n, p in params.items()}
-    scales = torch.ones(len(names), device=next(iter(base.values())).device, requires_grad=True)
+    names, base, scales = _leaves(model, select_tensors(model) if scaled is None else dict(scaled))
     was_training = model.training
     model.eval()
     try:
@@ -335,6 +320,22 @@ def norm_gradient(
         model.train(was_training)
     assert record.branch == CONSTRAINT
     return scales.grad.detach()
+
+
+def _leaves(model: nn.Module, scaled: Dict[str, str]):
+    """(names of the scaled tensors, the model's trainable tensors, scales at 1): what
+    GradInit differentiates. Checks that ``scaled`` names trainable tensors of ``model``."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = [n for n in scaled if n not in params]
+    if unknown:
+        raise GradInitError(f"not trainable parameters of the model: {unknown}", "scaled")
+    if not scaled:
+        raise GradInitError("no tensor selected for scaling", "scaled")
+    # Unscaled trainable tensors still take part in the gradient norm and the virtual
+    # step, so they enter the graph as leaves of their own (sharing the model's storage).
+    base = {n: p.detach() if n in scaled else p.detach().requires_grad_() for n, p in params.items()}
+    scales = torch.ones(len(scaled), device=next(iter(base.values())).device, requires_grad=True)
+    return list(scaled), base, scales
 
 
 class _Objective(nn.Module):

@@ -214,3 +214,28 @@ def test_gpu_bench_tiny_preset_runs_cost_both_groups_and_bleu_on_cpu(data_bin, t
     with tarfile.open(tmp_path / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/iwslt/gradinit-seed1/train.log" in names and not [n for n in names if n.endswith(".pt")]
+
+
+def test_constraint_sweep_runs_each_part_as_its_stability_command(tmp_path):
+    # A stand-in for python records the bench/stability.py command lines of each part.
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {calls}\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --out ] && mkdir -p "$2" && echo table > "$2/results.md"; shift; done\n'
+    )
+    fake.chmod(0o755)
+    script = str(ROOT / "bench" / "constraint_sweep.sh")
+    env = {**os.environ, "PYTHON": str(fake)}
+    proc = subprocess.run(["bash", script, str(tmp_path / "out"), "5", "lr2e-3", "paper"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lr2, paper = calls.read_text().splitlines()
+    assert "--lr 2e-3 --seeds 3 --jobs 5 --methods vanilla,warmup,gradinit,gradinit-g480" in lr2
+    assert "--variant g480=--gradinit-gamma 480" in lr2
+    assert "--lr 1e-3" in paper and "--gradinit-iters 780 --gradinit-lr 2.5e-3" in paper
+
+    proc = subprocess.run(["bash", script, str(tmp_path / "out"), "5", "bogus"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["bench/constraint_sweep.sh: unknown part 'bogus' (short, lr2e-3 or paper)"]

@@ -13,11 +13,12 @@ ordinary initialization (for ablations: an LN-free Transformer usually diverges)
 from torch import nn
 
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder, TransformerModel
+from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
-from .wskip_transformer import NoFastPathMixin, _wrap
+from .layer_stacks import LayerClassDecoder, LayerClassEncoder, LayerClassModelMixin
+from .wskip_transformer import NoFastPathMixin
 
 TFIXUP_INITS = ("tfixup", "default")
 
@@ -47,21 +48,19 @@ class NoLNTransformerDecoderLayer(TransformerDecoderLayerBase):
         _drop_layernorms(self, ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"))
 
 
-class NoLNTransformerEncoder(TransformerEncoder):
-    def build_encoder_layer(self, args):
-        cfg = TransformerConfig.from_namespace(args)
-        return _wrap(NoLNTransformerEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+class NoLNTransformerEncoder(LayerClassEncoder):
+    layer_class = NoLNTransformerEncoderLayer
 
 
-class NoLNTransformerDecoder(TransformerDecoder):
-    def build_decoder_layer(self, args, no_encoder_attn=False):
-        cfg = TransformerConfig.from_namespace(args)
-        return _wrap(NoLNTransformerDecoderLayer(cfg, no_encoder_attn), cfg)
+class NoLNTransformerDecoder(LayerClassDecoder):
+    layer_class = NoLNTransformerDecoderLayer
 
 
 @register_model("transformer_tfixup")
-class TFixupTransformerModel(TransformerModel):
+class TFixupTransformerModel(LayerClassModelMixin, TransformerModel):
     """Post-LN Transformer without LayerNorm, T-Fixup initialization (``--tfixup-init``)."""
+
+    encoder_class, decoder_class = NoLNTransformerEncoder, NoLNTransformerDecoder
 
     @classmethod
     def add_args(cls, parser):
@@ -97,16 +96,6 @@ class TFixupTransformerModel(TransformerModel):
 
             tfixup_initialize(model)
         return model
-
-    @classmethod
-    def build_encoder(cls, args, src_dict, embed_tokens):
-        return NoLNTransformerEncoder(args, src_dict, embed_tokens)
-
-    @classmethod
-    def build_decoder(cls, args, tgt_dict, embed_tokens):
-        return NoLNTransformerDecoder(
-            args, tgt_dict, embed_tokens, no_encoder_attn=getattr(args, "no_cross_attention", False)
-        )
 
 
 @register_model_architecture("transformer_tfixup", "transformer_tfixup")

@@ -19,12 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder, TransformerModel
+from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+from .layer_stacks import LayerClassDecoder, LayerClassEncoder, LayerClassModelMixin
 
 WSKIP_PREFIX = "w_skip_"
 WSKIP_INITS = ("ones", "admin", "admin-analytic", "deepnet")
@@ -136,29 +136,19 @@ class WSkipTransformerDecoderLayer(WSkipLayerMixin, TransformerDecoderLayerBase)
         return out
 
 
-def _wrap(layer, cfg):
-    """fairseq's build_*_layer wrapping: activation checkpointing, FSDP."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+class WSkipTransformerEncoder(LayerClassEncoder):
+    layer_class = WSkipTransformerEncoderLayer
 
 
-class WSkipTransformerEncoder(TransformerEncoder):
-    def build_encoder_layer(self, args):
-        cfg = TransformerConfig.from_namespace(args)
-        return _wrap(WSkipTransformerEncoderLayer(cfg, return_fc=self.return_fc), cfg)
-
-
-class WSkipTransformerDecoder(TransformerDecoder):
-    def build_decoder_layer(self, args, no_encoder_attn=False):
-        cfg = TransformerConfig.from_namespace(args)
-        return _wrap(WSkipTransformerDecoderLayer(cfg, no_encoder_attn), cfg)
+class WSkipTransformerDecoder(LayerClassDecoder):
+    layer_class = WSkipTransformerDecoderLayer
 
 
 @register_model("transformer_wskip")
-class WSkipTransformerModel(TransformerModel):
+class WSkipTransformerModel(LayerClassModelMixin, TransformerModel):
     """Post-LN Transformer, ``LayerNorm(w_skip * x + f(x))`` on every residual connection."""
+
+    encoder_class, decoder_class = WSkipTransformerEncoder, WSkipTransformerDecoder
 
     @classmethod
     def add_args(cls, parser):
@@ -197,16 +187,6 @@ class WSkipTransformerModel(TransformerModel):
 
             admin_analytic_initialize(model)
         return model
-
-    @classmethod
-    def build_encoder(cls, args, src_dict, embed_tokens):
-        return WSkipTransformerEncoder(args, src_dict, embed_tokens)
-
-    @classmethod
-    def build_decoder(cls, args, tgt_dict, embed_tokens):
-        return WSkipTransformerDecoder(
-            args, tgt_dict, embed_tokens, no_encoder_attn=getattr(args, "no_cross_attention", False)
-        )
 
 
 def wskip_parameter_names(model: nn.Module):
